@@ -1,0 +1,46 @@
+"""Argument checks shared by the transforms: clear errors at construction.
+
+Values that ``optax.inject_hyperparams`` may turn into traced arrays are checked
+only when they are concrete; a tracer is accepted as it is.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_tracer(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def positive_int(name: str, value: Any) -> int:
+  """Returns ``value`` if it is a positive Python/NumPy int (not a bool)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, numbers.Integral
+  ) or value < 1:
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+  return int(value)
+
+
+def concrete_number(name: str, value: Any, *, low=None, high=None,
+                    low_open=False, integer=False) -> None:
+  """Checks a (possibly array-valued, possibly traced) scalar hyperparameter."""
+  if is_tracer(value) or callable(value):
+    return
+  arr = np.asarray(value)
+  if arr.shape != () or arr.dtype.kind not in "biuf" or arr.dtype == bool:
+    raise TypeError(f"`{name}` must be a real number, got {value!r}")
+  x = arr.item()
+  if integer and arr.dtype.kind == "f" and x != int(x):
+    raise ValueError(f"`{name}` must be an integer, got {value!r}")
+  bad_low = low is not None and (x <= low if low_open else x < low)
+  bad_high = high is not None and x > high
+  if bad_low or bad_high or not np.isfinite(x):
+    lo = "-inf" if low is None else low
+    hi = "inf" if high is None else high
+    interval = ("(" if low_open else "[") + f"{lo}, {hi}]"
+    raise ValueError(f"`{name}` must be in {interval}, got {value!r}")

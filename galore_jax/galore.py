@@ -1,0 +1,525 @@
+"""GaLore: gradient low-rank projection as an Optax gradient transformation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from galore_jax import _validation
+from galore_jax import projection
+
+Rank = int | Callable[[tuple, Any], Optional[int]]
+
+
+class GaLoreState(NamedTuple):
+  """State of :func:`scale_by_galore`.
+
+  Attributes:
+    count: int32 step counter; the projectors refresh when
+      ``count % update_proj_gap == 0``.
+    projector: a tree like the params: :class:`~galore_jax.projection.Projectors`
+      for projected leaves, ``optax.MaskedNode()`` for the others.
+    base_state: state of the ``base`` transform, run on the low-rank
+      gradients of projected leaves and the full gradients of the others.
+  """
+
+  count: jax.Array
+  projector: optax.Params
+  base_state: optax.OptState
+
+
+def _check_projector_dtype(projector_dtype):
+  if projector_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(projector_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+        "`projector_dtype` must be None or a floating dtype, got"
+        f" {projector_dtype!r}"
+    )
+  return dtype
+
+
+def _low_rank_dtype(leaf_dtype, projector_dtype):
+  return jnp.promote_types(leaf_dtype, projector_dtype or leaf_dtype)
+
+
+def scale_by_galore(
+    rank: Rank = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    base: Optional[optax.GradientTransformation] = None,
+    *,
+    mask: Any = None,
+    dim_numbers: Any = None,
+    projector_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""Runs ``base`` on gradients projected to a low-rank subspace (GaLore).
+
+  For a projected leaf with matrix view :math:`G_t` and projectors refreshed
+  from the SVD of the gradient every ``update_proj_gap`` steps,
+
+  .. math::
+    R_t = \mathrm{proj}(G_t), \quad N_t = \mathrm{base}(R_t), \quad
+    u_t = \mathrm{scale} \cdot \mathrm{proj}^{-1}(N_t),
+
+  with ``proj`` one of :math:`Q G` (``row``), :math:`G P` (``col``) or
+  :math:`Q G P` (``full``); see :mod:`galore_jax.projection` for the sides of
+  each ``proj_type``. The ``base`` moments stay in the subspace and are kept
+  as they are when it changes, as in the official implementation. Other
+  leaves go through ``base`` in full space, unscaled.
+
+  Args:
+    rank: projection rank, an int or a callable ``(path, leaf) -> int |
+      None`` (None: do not project). Clamped to the matrix's smaller side for
+      leaves selected by ``mask``.
+    update_proj_gap: refresh the projectors when ``count % update_proj_gap
+      == 0`` (steps 0, K, 2K, ...).
+    scale: factor applied to the back-projected updates.
+    proj_type: one of ``"std"`` (default, official), ``"reverse_std"``,
+      ``"left"``, ``"right"``, ``"full"``.
+    base: a gradient-only transform (it is given no params), run inside the
+      subspace. Default ``optax.scale_by_adam()``.
+    mask: which leaves to project: a pytree of bools with the params'
+      structure (or a prefix of it), or a callable ``params -> pytree``.
+      Default (None): every leaf with ndim >= 2 whose two matrix dimensions
+      both exceed the rank.
+    dim_numbers: a :class:`~galore_jax.projection.DimensionNumbers` for every
+      leaf, a pytree of them (None entries: do not project), or a callable
+      ``(path, leaf) -> DimensionNumbers | None``. Default: the last two axes
+      are ``(in, out)``, leading axes are batch axes with one projector each.
+    projector_dtype: dtype of the stored projectors. Default: the gradient's
+      dtype, as official. The SVD always runs in float32.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`GaLoreState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from galore_jax import scale_by_galore
+    >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros((32,))}
+    >>> tx = optax.chain(scale_by_galore(rank=8, update_proj_gap=10),
+    ...                  optax.scale_by_learning_rate(1e-2))
+    >>> state = tx.init(params)
+    >>> state[0].projector["w"].col.shape  # std projects the smaller side, out
+    (32, 8)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state)
+    >>> jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
+    True
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024.
+  """
+  projection.check_rank(rank)
+  _validation.concrete_number(
+      "update_proj_gap", update_proj_gap, low=1, integer=True)
+  _validation.concrete_number("scale", scale)
+  projection.check_proj_type(proj_type)
+  if base is None:
+    base = optax.scale_by_adam()
+  if not isinstance(base, optax.GradientTransformation):
+    raise TypeError(
+        f"`base` must be an optax.GradientTransformation, got {base!r}"
+    )
+  projector_dtype = _check_projector_dtype(projector_dtype)
+
+  def resolve(tree):
+    return projection.resolve_specs(
+        tree, rank=rank, mask=mask, dim_numbers=dim_numbers,
+        proj_type=proj_type)
+
+  def init_fn(params):
+    leaves, treedef, specs = resolve(params)
+    projectors, low_rank = [], []
+    for x, spec in zip(leaves, specs):
+      if spec is None:
+        projectors.append(optax.MaskedNode())
+        low_rank.append(x)
+        continue
+      dtype = projector_dtype or x.dtype
+      projectors.append(projection.zero_projectors(spec, dtype))
+      low_rank.append(
+          jnp.zeros(spec.low_rank_shape, _low_rank_dtype(x.dtype, dtype)))
+    return GaLoreState(
+        count=jnp.zeros([], jnp.int32),
+        projector=treedef.unflatten(projectors),
+        base_state=base.init(treedef.unflatten(low_rank)),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    grads, treedef, specs = resolve(updates)
+    projectors = treedef.flatten_up_to(state.projector)
+    refresh = state.count % update_proj_gap == 0
+
+    low_rank, new_projectors = [], []
+    for g, proj, spec in zip(grads, projectors, specs):
+      if spec is None:
+        low_rank.append(g)
+        new_projectors.append(proj)
+        continue
+      g2 = projection.to_matrix(g, spec)
+      dtype = projector_dtype or g.dtype
+      proj = jax.lax.cond(
+          refresh,
+          lambda g2=g2, spec=spec, dtype=dtype: projection.svd_projectors(
+              g2, spec, dtype),
+          lambda proj=proj: proj,
+      )
+      new_projectors.append(proj)
+      low_rank.append(projection.project(g2, proj, spec))
+
+    low_updates, base_state = base.update(
+        treedef.unflatten(low_rank), state.base_state, None)
+    low_updates = treedef.flatten_up_to(low_updates)
+
+    out = []
+    for g, u, proj, spec in zip(grads, low_updates, new_projectors, specs):
+      if spec is None:
+        out.append(u)
+        continue
+      full = projection.project_back(u, proj, spec) * scale
+      out.append(projection.from_matrix(full, spec).astype(g.dtype))
+    return treedef.unflatten(out), GaLoreState(
+        count=optax.safe_int32_increment(state.count),
+        projector=treedef.unflatten(new_projectors),
+        base_state=base_state,
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_adam_hf(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""Adam as Hugging Face's ``AdamW`` (and so the official GaLore) computes it.
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+    u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+          \frac{m_t}{\sqrt{v_t} + \epsilon}.
+
+  It equals ``optax.scale_by_adam`` with :math:`\epsilon` replaced by
+  :math:`\epsilon / \sqrt{1-\beta_2^t}`: a different update whenever
+  :math:`\sqrt{\hat v_t}` is not large against :math:`\epsilon`, which is
+  the common case for small gradients early in training. The state is
+  ``optax.ScaleByAdamState``.
+
+  Args:
+    b1, b2: moment decay rates.
+    eps: added to :math:`\sqrt{v_t}` before the bias correction.
+    mu_dtype: optional dtype of the first moment.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import scale_by_adam_hf
+    >>> tx = scale_by_adam_hf(eps=1e-6)
+    >>> u, _ = tx.update({"w": jnp.full(3, 1e-3)}, tx.init({"w": jnp.zeros(3)}))
+    >>> float(u["w"][0])  # optax.scale_by_adam(eps=1e-6) gives 0.999
+    0.9693...
+
+  References:
+    Wolf et al., `Transformers <https://arxiv.org/abs/1910.03771>`_, 2020
+    (``transformers.AdamW``, ``correct_bias=True``).
+  """
+  _validation.concrete_number("b1", b1, low=0, high=1)
+  _validation.concrete_number("b2", b2, low=0, high=1)
+  _validation.concrete_number("eps", eps, low=0)
+
+  def init_fn(params):
+    return optax.ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+        nu=optax.tree.zeros_like(params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_int32_increment(state.count)
+    t = count.astype(jnp.float32)
+    step = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+    updates = jax.tree.map(
+        lambda m, v: (step * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
+    return updates, optax.ScaleByAdamState(
+        count=count, mu=optax.tree.cast(mu, mu_dtype), nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _galore_chain(
+    learning_rate, base, weight_decay, mask, galore_kwargs
+) -> optax.GradientTransformation:
+  """scale_by_galore(base) -> decoupled weight decay (full space) -> -lr."""
+  _validation.concrete_number("weight_decay", weight_decay, low=0)
+  return optax.chain(
+      scale_by_galore(base=base, **galore_kwargs),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Rank = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    *,
+    projection_mask: Any = None,
+    dim_numbers: Any = None,
+    projector_dtype: Any = None,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
+    hf_eps: bool = False,
+) -> optax.GradientTransformation:
+  r"""AdamW with its moments in GaLore's low-rank subspace.
+
+  ``scale_by_galore(base=scale_by_adam)``, then decoupled weight decay in full
+  space (``mask`` as in ``optax.adamw``), then the learning rate:
+
+  .. math::
+    p_{t+1} = p_t - \eta_t \left(\mathrm{scale}\cdot
+      \mathrm{proj}^{-1}\!\left(\frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+      \right) + \lambda p_t\right).
+
+  The official GaLoreAdamW (HF AdamW) divides by :math:`\sqrt{v_t} + \epsilon`
+  before bias correction: pass ``hf_eps=True`` (:func:`scale_by_adam_hf`) to
+  reproduce it. It also decays the already-updated weight, a difference of
+  order :math:`\eta^2\lambda` per step that is not reproduced.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank, update_proj_gap, scale, proj_type: see :func:`scale_by_galore`.
+    b1, b2, eps, eps_root, mu_dtype, nesterov: see ``optax.scale_by_adam``.
+    weight_decay: decoupled weight decay, applied in full space.
+    mask: weight-decay mask (``optax.adamw``'s convention).
+    projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
+    dim_numbers, projector_dtype: see :func:`scale_by_galore`.
+    hf_eps: use the HF/official eps placement (:func:`scale_by_adam_hf`);
+      then ``eps_root`` and ``nesterov`` must keep their defaults.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from galore_jax import galore_adamw
+    >>> params = {"w": jnp.ones((64, 32))}
+    >>> opt = galore_adamw(1e-2, rank=4, update_proj_gap=50, weight_decay=0.1)
+    >>> state = opt.init(params)
+    >>> loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2)
+    >>> grads = jax.grad(loss)(params)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < loss({"w": jnp.ones((64, 32))}))
+    True
+
+  References:
+    Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, 2024.
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+  if not hf_eps:
+    base = optax.scale_by_adam(
+        b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+        nesterov=nesterov)
+  elif nesterov or (
+      not _validation.is_tracer(eps_root) and float(eps_root) != 0.0):
+    raise ValueError(
+        "`hf_eps=True` reproduces HF AdamW, which has no `eps_root` or"
+        f" `nesterov`; got eps_root={eps_root!r}, nesterov={nesterov!r}")
+  else:
+    base = scale_by_adam_hf(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  return _galore_chain(
+      learning_rate, base, weight_decay, mask,
+      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
+           projector_dtype=projector_dtype))
+
+
+def galore_adam(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Rank = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    projection_mask: Any = None,
+    dim_numbers: Any = None,
+    projector_dtype: Any = None,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
+    hf_eps: bool = False,
+) -> optax.GradientTransformation:
+  """Adam with its moments in GaLore's subspace; :func:`galore_adamw` without decay.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import galore_adam
+    >>> opt = galore_adam(1e-3, rank=4)
+    >>> state = opt.init({"w": jnp.ones((16, 8))})
+  """
+  return galore_adamw(
+      learning_rate, rank, update_proj_gap, scale, proj_type, b1, b2, eps,
+      eps_root, weight_decay=0.0, projection_mask=projection_mask,
+      dim_numbers=dim_numbers, projector_dtype=projector_dtype,
+      mu_dtype=mu_dtype, nesterov=nesterov, hf_eps=hf_eps)
+
+
+def galore_adafactor(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Rank = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    decay_rate: float = 0.8,
+    clipping_threshold: Optional[float] = 1.0,
+    min_dim_size_to_factor: int = 128,
+    eps: float = 1e-30,
+    momentum: Optional[float] = None,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    *,
+    projection_mask: Any = None,
+    dim_numbers: Any = None,
+    projector_dtype: Any = None,
+) -> optax.GradientTransformation:
+  """Adafactor with its factored second moment in GaLore's subspace.
+
+  Inside the subspace: ``optax.scale_by_factored_rms`` (row/column factored
+  second moment of the low-rank gradient), update clipping by block RMS, and
+  optional momentum; then decoupled weight decay and the learning rate.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank, update_proj_gap, scale, proj_type: see :func:`scale_by_galore`.
+    decay_rate, min_dim_size_to_factor, eps: see
+      ``optax.scale_by_factored_rms`` (``eps`` is its ``epsilon``).
+    clipping_threshold: clip each update to this block RMS (None: off).
+    momentum: optional first-moment decay, in the subspace.
+    weight_decay, mask: decoupled weight decay and its mask.
+    projection_mask, dim_numbers, projector_dtype: see :func:`scale_by_galore`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import galore_adafactor
+    >>> opt = galore_adafactor(1e-2, rank=4, min_dim_size_to_factor=4)
+    >>> state = opt.init({"w": jnp.ones((16, 8))})
+
+  References:
+    Shazeer and Stern, `Adafactor <https://arxiv.org/abs/1804.04235>`_, 2018.
+  """
+  parts = [optax.scale_by_factored_rms(
+      decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor,
+      epsilon=eps)]
+  if clipping_threshold is not None:
+    parts.append(optax.clip_by_block_rms(clipping_threshold))
+  if momentum is not None:
+    parts.append(optax.trace(decay=momentum))
+  return _galore_chain(
+      learning_rate, optax.chain(*parts), weight_decay, mask,
+      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
+           projector_dtype=projector_dtype))
+
+
+def galore_lion(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Rank = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.99,
+    weight_decay: float = 1e-3,
+    mask: Any = None,
+    *,
+    projection_mask: Any = None,
+    dim_numbers: Any = None,
+    projector_dtype: Any = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+  """Lion with its momentum in GaLore's subspace (``optax.lion``'s defaults).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import galore_lion
+    >>> opt = galore_lion(1e-4, rank=4)
+    >>> state = opt.init({"w": jnp.ones((16, 8))})
+
+  References:
+    Chen et al., `Symbolic Discovery of Optimization Algorithms
+    <https://arxiv.org/abs/2302.06675>`_, 2023.
+  """
+  base = optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype)
+  return _galore_chain(
+      learning_rate, base, weight_decay, mask,
+      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
+           projector_dtype=projector_dtype))
+
+
+def galore_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Rank = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    momentum: Optional[float] = None,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    *,
+    projection_mask: Any = None,
+    dim_numbers: Any = None,
+    projector_dtype: Any = None,
+) -> optax.GradientTransformation:
+  """SGD (optionally with momentum, kept in GaLore's subspace).
+
+  Without momentum the base has no state; the update is the gradient's
+  projection onto the subspace, mapped back.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import galore_sgd
+    >>> opt = galore_sgd(1e-2, rank=4, momentum=0.9)
+    >>> state = opt.init({"w": jnp.ones((16, 8))})
+  """
+  if momentum is None:
+    base = optax.identity()
+  else:
+    _validation.concrete_number("momentum", momentum, low=0, high=1)
+    base = optax.trace(decay=momentum, nesterov=nesterov)
+  return _galore_chain(
+      learning_rate, base, weight_decay, mask,
+      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
+           projector_dtype=projector_dtype))

@@ -1,0 +1,468 @@
+"""Low-rank gradient projection: which leaves, which axes, which side, the SVD.
+
+A projected leaf is viewed as a stack of matrices ``G`` of shape
+``batch + (rows, cols)``: ``rows`` are the reduction (input) axes and ``cols``
+the output axes, so a Flax ``(in, out)`` kernel is ``rows=in, cols=out``. The
+official GaLore works on the torch layout ``Gᵀ`` (out, in); every side rule
+below is stated in that layout, so a Flax model projects onto exactly the
+subspace the official code would pick for the same layer, square attention
+kernels included.
+
+Two projectors, stored as the official code stores them (this is also the
+row-major layout Q-GaLore's group quantisation runs over):
+
+* ``row``, shape ``batch + (r, rows)``: the official *right* projector
+  ``Q = Vh[:r]`` of the torch matrix. ``R = row @ G`` is ``(r, cols)`` and
+  ``G ≈ rowᵀ @ R``.
+* ``col``, shape ``batch + (cols, r)``: the official *left* projector
+  ``P = U[:, :r]`` of the torch matrix. ``R = G @ col`` is ``(rows, r)`` and
+  ``G ≈ R @ colᵀ``.
+
+``proj_type`` picks them with ``M = cols`` (out) and ``N = rows`` (in):
+
+=============  ============  ===========
+proj_type      M >= N        M < N
+=============  ============  ===========
+std            row           col
+reverse_std    col           row
+right          row           row
+left           col           col
+full           row and col   row and col
+=============  ============  ===========
+
+``std`` projects the smaller dimension (moments ``r x max(M, N)``).
+``optax.contrib.galore`` projects the larger one: it equals ``reverse_std``
+on non-square matrices (and ``std`` on square ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from galore_jax import _validation
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+KeyPath = tuple[Any, ...]
+Axes = Union[int, Sequence[int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DimensionNumbers:
+  """Which axes of a leaf form the matrix, and which are batch axes.
+
+  Attributes:
+    reduction_axis: axis or axes of the input (row) dimension.
+    output_axis: axis or axes of the output (column) dimension.
+    batch_axis: axes that index independent matrices, each with its own
+      projector (stacked scan layers). ``None``: every axis not named above.
+
+  The default, ``DimensionNumbers()``, reads the last two axes as
+  ``(in, out)`` and any leading axes as batch axes, so a stacked
+  ``(L, in, out)`` kernel gets L projectors. ``optax.contrib``'s
+  ``GaLoreDimensionNumbers`` is accepted wherever this class is.
+  """
+
+  reduction_axis: Axes = -2
+  output_axis: Axes = -1
+  batch_axis: Axes | None = None
+
+
+def _is_dim_numbers(x: Any) -> bool:
+  return isinstance(x, DimensionNumbers) or (
+      hasattr(x, "reduction_axis") and hasattr(x, "output_axis")
+  )
+
+
+class Projectors(NamedTuple):
+  """The projectors of one leaf; an unused side is an ``optax.MaskedNode``."""
+
+  row: Any
+  col: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+  """Static description of how one leaf is projected (hashable)."""
+
+  shape: tuple[int, ...]
+  perm: tuple[int, ...]  # to batch + reduction + output axes
+  batch_shape: tuple[int, ...]
+  reduction_shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  rank: int
+  use_row: bool
+  use_col: bool
+
+  @property
+  def rows(self) -> int:
+    return math.prod(self.reduction_shape)
+
+  @property
+  def cols(self) -> int:
+    return math.prod(self.output_shape)
+
+  @property
+  def low_rank_shape(self) -> tuple[int, ...]:
+    rows = self.rank if self.use_row else self.rows
+    cols = self.rank if self.use_col else self.cols
+    return self.batch_shape + (rows, cols)
+
+  @property
+  def projector_shapes(self) -> Projectors:
+    r = self.rank
+    return Projectors(
+        row=self.batch_shape + (r, self.rows) if self.use_row else None,
+        col=self.batch_shape + (self.cols, r) if self.use_col else None,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Matrix view of a leaf.
+
+
+def to_matrix(x: jax.Array, spec: LeafSpec) -> jax.Array:
+  """``x`` as ``batch + (rows, cols)``; a no-op reshape for default axes."""
+  if spec.perm != tuple(range(len(spec.perm))):
+    x = jnp.transpose(x, spec.perm)
+  return x.reshape(spec.batch_shape + (spec.rows, spec.cols))
+
+
+def from_matrix(x: jax.Array, spec: LeafSpec) -> jax.Array:
+  """Inverse of :func:`to_matrix`."""
+  x = x.reshape(spec.batch_shape + spec.reduction_shape + spec.output_shape)
+  if spec.perm != tuple(range(len(spec.perm))):
+    x = jnp.transpose(x, np.argsort(spec.perm))
+  return x
+
+
+# ---------------------------------------------------------------------------
+# Projection arithmetic.
+
+
+def _t(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+def project(g: jax.Array, proj: Projectors, spec: LeafSpec) -> jax.Array:
+  """Low-rank coordinates of the matrix view ``g`` (see module docstring)."""
+  if spec.use_row:
+    g = jnp.matmul(proj.row, g)
+  if spec.use_col:
+    g = jnp.matmul(g, proj.col)
+  return g
+
+
+def project_back(r: jax.Array, proj: Projectors, spec: LeafSpec) -> jax.Array:
+  """Full-space matrix of the low-rank ``r``: ``rowᵀ r`` / ``r colᵀ``."""
+  if spec.use_row:
+    r = jnp.matmul(_t(proj.row), r)
+  if spec.use_col:
+    r = jnp.matmul(r, _t(proj.col))
+  return r
+
+
+def canonical_signs(v: jax.Array) -> jax.Array:
+  """Flips each vector (last axis) so its largest-magnitude entry is > 0.
+
+  Singular vectors are defined up to sign, and LAPACK, cuSOLVER and torch
+  pick different ones. Fixing the sign makes the subspace coordinates, and so
+  the optimizer moments carried across refreshes, the same on every backend.
+  """
+  idx = jnp.argmax(jnp.abs(v), axis=-1, keepdims=True)
+  sign = jnp.sign(jnp.take_along_axis(v, idx, axis=-1))
+  return v * jnp.where(sign == 0, 1, sign).astype(v.dtype)
+
+
+def svd_projectors(g: jax.Array, spec: LeafSpec, dtype) -> Projectors:
+  """Top-``rank`` singular vectors of the matrix view ``g``, float32 SVD.
+
+  ``row`` holds the leading left singular vectors of ``g`` as rows (``U[:, :r]ᵀ``),
+  ``col`` the leading right singular vectors as columns (``Vh[:r]ᵀ``), both
+  sign-canonical and cast to ``dtype``.
+  """
+  u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+  r = spec.rank
+  row = col = optax.MaskedNode()
+  if spec.use_row:
+    row = canonical_signs(_t(u[..., :, :r])).astype(dtype)
+  if spec.use_col:
+    col = _t(canonical_signs(vh[..., :r, :])).astype(dtype)
+  return Projectors(row=row, col=col)
+
+
+def zero_projectors(spec: LeafSpec, dtype) -> Projectors:
+  shapes = spec.projector_shapes
+  make = lambda s: optax.MaskedNode() if s is None else jnp.zeros(s, dtype)
+  return Projectors(row=make(shapes.row), col=make(shapes.col))
+
+
+# ---------------------------------------------------------------------------
+# Which leaves are projected, and how: resolved statically from shapes.
+
+
+def normalize_path(path: KeyPath) -> KeyPath:
+  """Drops a trailing ``.value`` key (a Flax NNX ``Variable`` node).
+
+  ``nnx.Optimizer`` hands ``init`` a tree of ``Param`` nodes but ``update``
+  the plain arrays; without this, paths would differ between the two.
+  """
+  path = tuple(path)
+  while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name == "value"
+  ):
+    path = path[:-1]
+  return path
+
+
+def _keystr(path: KeyPath) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def per_leaf(
+    spec_tree: Any,
+    paths: Sequence[KeyPath],
+    params: Any,
+    name: str,
+    is_leaf: Callable[[Any], bool],
+) -> list[Any]:
+  """One entry of ``spec_tree`` per parameter path, optax prefix convention.
+
+  ``spec_tree`` is a pytree whose structure is a prefix of the params' (or a
+  callable ``params -> pytree``); entries are matched by key path, which also
+  lets a tree built from plain arrays apply to a tree of Flax ``Param`` nodes.
+  """
+  if callable(spec_tree) and not is_leaf(spec_tree):
+    spec_tree = spec_tree(params)
+  entries = jax.tree_util.tree_flatten_with_path(spec_tree, is_leaf=is_leaf)[0]
+  table = {normalize_path(p): v for p, v in entries}
+  used, out = set(), []
+  for path in paths:
+    for k in range(len(path), -1, -1):
+      if path[:k] in table:
+        out.append(table[path[:k]])
+        used.add(path[:k])
+        break
+    else:
+      raise ValueError(
+          f"`{name}` does not match the params: no entry for parameter"
+          f" {_keystr(path)}. Its structure must be a prefix of the params'"
+          f" (entries at: {sorted(_keystr(p) for p in table)})."
+      )
+  unused = sorted(_keystr(p) for p in set(table) - used)
+  if unused:
+    raise ValueError(
+        f"`{name}` does not match the params: entries {unused} name no"
+        " parameter."
+    )
+  return out
+
+
+def _axes(value: Axes, ndim: int, what: str, path: KeyPath, shape) -> tuple:
+  axes = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
+  out = []
+  for a in axes:
+    if not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+      raise ValueError(
+          f"`dim_numbers` {what} {value!r} does not fit parameter"
+          f" {_keystr(path)} of shape {shape}"
+      )
+    out.append(int(a) % ndim)
+  return tuple(out)
+
+
+def _split_axes(dn: Any, path: KeyPath, shape: tuple[int, ...]):
+  ndim = len(shape)
+  if ndim < 2:
+    raise ValueError(
+        f"`dim_numbers` {dn!r} given for parameter {_keystr(path)} of shape"
+        f" {shape}: a projected leaf needs at least 2 axes"
+    )
+  red = _axes(dn.reduction_axis, ndim, "reduction_axis", path, shape)
+  out = _axes(dn.output_axis, ndim, "output_axis", path, shape)
+  batch_axis = getattr(dn, "batch_axis", None)
+  if batch_axis is None:
+    batch = tuple(a for a in range(ndim) if a not in red + out)
+  else:
+    batch = _axes(batch_axis, ndim, "batch_axis", path, shape)
+  named = batch + red + out
+  if not red or not out or sorted(named) != list(range(ndim)):
+    raise ValueError(
+        f"`dim_numbers` {dn!r} does not fit parameter {_keystr(path)} of"
+        f" shape {shape}: reduction {red}, output {out} and batch {batch} axes"
+        " must be non-empty (batch may be empty), disjoint, and cover every"
+        " axis"
+    )
+  return batch, red, out
+
+
+def _sides(proj_type: str, rows: int, cols: int) -> tuple[bool, bool]:
+  """(use_row, use_col) of the official rule, with M = cols, N = rows."""
+  big_out = cols >= rows
+  return {
+      "std": (big_out, not big_out),
+      "reverse_std": (not big_out, big_out),
+      "right": (True, False),
+      "left": (False, True),
+      "full": (True, True),
+  }[proj_type]
+
+
+def check_proj_type(proj_type: Any) -> str:
+  if proj_type not in PROJ_TYPES:
+    raise ValueError(
+        f"`proj_type` must be one of {PROJ_TYPES}, got {proj_type!r}"
+    )
+  return proj_type
+
+
+def check_rank(rank: Any) -> None:
+  if callable(rank):
+    return
+  if _validation.is_tracer(rank) or hasattr(rank, "shape"):
+    raise TypeError(
+        f"`rank` must be a positive int or a callable (path, leaf) -> int |"
+        f" None, got {rank!r}. It sets shapes, so it is static: with"
+        " optax.inject_hyperparams pass static_args=('rank',)."
+    )
+  _validation.positive_int("rank", rank)
+
+
+def leaf_spec(
+    path: KeyPath,
+    leaf: Any,
+    *,
+    rank: int | Callable[[KeyPath, Any], int | None],
+    selected: bool | None,
+    dim_numbers: Any,
+    proj_type: str,
+) -> LeafSpec | None:
+  """The static projection plan of one leaf, or None if it is not projected.
+
+  Args:
+    path: normalised key path of the leaf.
+    leaf: the array (or anything with ``shape`` and ``dtype``).
+    rank: an int, or a callable ``(path, leaf) -> int | None``.
+    selected: True/False from ``mask``; None applies the default rule (ndim
+      >= 2 and both matrix dims > rank).
+    dim_numbers: this leaf's :class:`DimensionNumbers`, or None (default axes
+      if ndim >= 2, otherwise not projectable).
+    proj_type: one of :data:`PROJ_TYPES`.
+  """
+  shape = tuple(leaf.shape)
+  dtype = jnp.dtype(leaf.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"galore_jax transforms need floating-point params; parameter"
+        f" {_keystr(path)} has dtype {dtype}"
+    )
+  if selected is False:
+    return None
+  r = rank(path, leaf) if callable(rank) else rank
+  if r is None:
+    return None
+  if isinstance(r, (bool, np.bool_)) or not isinstance(
+      r, (int, np.integer)
+  ) or r < 1:
+    raise ValueError(
+        f"`rank` callable must return a positive int or None, got {r!r} for"
+        f" parameter {_keystr(path)}"
+    )
+  if dim_numbers is None:
+    if len(shape) < 2:
+      if selected:
+        raise ValueError(
+            f"`mask` selects parameter {_keystr(path)} of shape {shape} for"
+            " projection, but it has fewer than 2 axes"
+        )
+      return None
+    dim_numbers = DimensionNumbers()
+  batch, red, out = _split_axes(dim_numbers, path, shape)
+  spec_shape = lambda axes: tuple(shape[a] for a in axes)
+  rows, cols = math.prod(spec_shape(red)), math.prod(spec_shape(out))
+  if selected is None and not (rows > r and cols > r):
+    return None
+  use_row, use_col = _sides(proj_type, rows, cols)
+  return LeafSpec(
+      shape=shape,
+      perm=batch + red + out,
+      batch_shape=spec_shape(batch),
+      reduction_shape=spec_shape(red),
+      output_shape=spec_shape(out),
+      rank=min(int(r), rows, cols),
+      use_row=use_row,
+      use_col=use_col,
+  )
+
+
+def _is_mask_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, (bool, np.bool_))
+
+
+def _is_dn_leaf(x: Any) -> bool:
+  return x is None or _is_dim_numbers(x)
+
+
+def _check_mask_entry(path: KeyPath, value: Any) -> bool | None:
+  if value is None or isinstance(value, (bool, np.bool_)):
+    return None if value is None else bool(value)
+  raise TypeError(
+      f"`mask` entries must be bools, got {value!r} for parameter"
+      f" {_keystr(path)}"
+  )
+
+
+def resolve_specs(
+    tree: Any,
+    *,
+    rank: Any,
+    mask: Any,
+    dim_numbers: Any,
+    proj_type: str,
+) -> tuple[list[Any], jax.tree_util.PyTreeDef, list[LeafSpec | None]]:
+  """Flattens ``tree`` and returns ``(leaves, treedef, specs)``.
+
+  ``specs[i]`` is the :class:`LeafSpec` of leaf i, or None for a leaf that
+  goes through the base transform in full space. Everything here depends on
+  shapes only, so ``init`` and every trace of ``update`` agree.
+  """
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [normalize_path(p) for p, _ in with_path]
+  leaves = [x for _, x in with_path]
+  if mask is None:
+    masks = [None] * len(leaves)
+  else:
+    masks = [
+        _check_mask_entry(p, m)
+        for p, m in zip(
+            paths, per_leaf(mask, paths, tree, "mask", _is_mask_leaf)
+        )
+    ]
+  if dim_numbers is None:
+    dns = [None] * len(leaves)
+  elif _is_dim_numbers(dim_numbers):
+    dns = [dim_numbers if jnp.ndim(x) >= 2 else None for x in leaves]
+  elif callable(dim_numbers):
+    dns = [dim_numbers(p, x) for p, x in zip(paths, leaves)]
+  else:
+    dns = per_leaf(dim_numbers, paths, tree, "dim_numbers", _is_dn_leaf)
+  for p, dn in zip(paths, dns):
+    if dn is not None and not _is_dim_numbers(dn):
+      raise TypeError(
+          f"`dim_numbers` entries must be DimensionNumbers or None, got"
+          f" {dn!r} for parameter {_keystr(p)}"
+      )
+  specs = [
+      leaf_spec(p, x, rank=rank, selected=m, dim_numbers=dn,
+                proj_type=proj_type)
+      for p, x, m, dn in zip(paths, leaves, masks, dns)
+  ]
+  return leaves, treedef, specs
