@@ -165,8 +165,9 @@ def scale_by_galore(
     for g, proj, spec in zip(grads, projectors, specs):
       if spec is None:
         low_rank.append(g)
-        new_projectors.append(proj)
+        new_projectors.append(optax.MaskedNode())
         continue
+      proj = projection.as_projectors(proj, spec)
       g2 = projection.to_matrix(g, spec)
       dtype = projector_dtype or g.dtype
       proj = jax.lax.cond(
@@ -437,9 +438,13 @@ def galore_adafactor(
   References:
     Shazeer and Stern, `Adafactor <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  parts = [optax.scale_by_factored_rms(
+  factored = optax.scale_by_factored_rms(
       decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor,
-      epsilon=eps)]
+      epsilon=eps)
+  # It reads only the params' shapes and dtypes, which inside the subspace are
+  # those of the low-rank gradients (scale_by_galore gives its base no params).
+  parts = [optax.GradientTransformation(
+      factored.init, lambda g, s, params=None: factored.update(g, s, g))]
   if clipping_threshold is not None:
     parts.append(optax.clip_by_block_rms(clipping_threshold))
   if momentum is not None:

@@ -199,6 +199,25 @@ def svd_projectors(g: jax.Array, spec: LeafSpec, dtype) -> Projectors:
   return Projectors(row=row, col=col)
 
 
+def as_projectors(entry: Any, spec: LeafSpec) -> Projectors:
+  """Rebuilds a leaf's :class:`Projectors` from its array leaves.
+
+  State trees may come back with their containers changed (``nnx.Optimizer``
+  hands ``update`` plain tuples where ``init`` returned NamedTuples); the
+  arrays and their order are what counts.
+  """
+  arrays = jax.tree.leaves(entry)
+  if len(arrays) != spec.use_row + spec.use_col:
+    raise ValueError(
+        f"projector state {entry!r} does not match a leaf of shape"
+        f" {spec.shape}: was the state initialised for other params?"
+    )
+  return Projectors(
+      row=arrays[0] if spec.use_row else optax.MaskedNode(),
+      col=arrays[-1] if spec.use_col else optax.MaskedNode(),
+  )
+
+
 def zero_projectors(spec: LeafSpec, dtype) -> Projectors:
   shapes = spec.projector_shapes
   make = lambda s: optax.MaskedNode() if s is None else jnp.zeros(s, dtype)
