@@ -209,7 +209,8 @@ def as_projectors(entry: Any, spec: LeafSpec) -> Projectors:
   arrays = jax.tree.leaves(entry)
   if len(arrays) != spec.use_row + spec.use_col:
     raise ValueError(
-        f"projector state {entry!r} does not match a leaf of shape"
+        f"projector state with shapes {[a.shape for a in arrays]} does not"
+        f" match the projection of a leaf of shape"
         f" {spec.shape}: was the state initialised for other params?"
     )
   return Projectors(

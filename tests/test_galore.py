@@ -322,3 +322,22 @@ def test_galore_sgd_without_momentum_is_the_projected_gradient():
   u, state = opt.update({"w": g}, opt.init({"w": g}), {"w": g})
   col = state[0].projector["w"].col
   np.testing.assert_allclose(u["w"], -(g @ col @ col.T), atol=1e-5)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right",
+                                       "full"])
+def test_state_bytes_equal_the_analytic_formula(proj_type):
+  r, shapes = 4, [(24, 16), (16, 40), (32, 32)]  # Flax (in, out)
+  params = {f"w{i}": jnp.zeros(s) for i, s in enumerate(shapes)}
+  state = galore_jax.scale_by_galore(rank=r, proj_type=proj_type).init(params)
+  expected = 2 * 4  # galore and adam counters (int32)
+  for n_in, n_out in shapes:
+    # Official sides on the torch layout (m, n) = (out, in).
+    m, n = n_out, n_in
+    side = {"std": "right" if m >= n else "left",
+            "reverse_std": "left" if m >= n else "right",
+            "left": "left", "right": "right", "full": "full"}[proj_type]
+    moment = {"left": r * n, "right": m * r, "full": r * r}[side]
+    proj = {"left": m * r, "right": r * n, "full": m * r + r * n}[side]
+    expected += 4 * (2 * moment + proj)
+  assert sum(x.nbytes for x in jax.tree.leaves(state)) == expected

@@ -1,0 +1,134 @@
+"""Every bad input gives a clear error naming the argument and the value."""
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import galore_jax
+
+PARAMS = {"w": jnp.zeros((24, 16)), "b": jnp.zeros((16,))}
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, "8", True, None])
+def test_rank_not_a_positive_int(rank):
+  with pytest.raises((ValueError, TypeError), match="`rank`.*" + "positive"):
+    galore_jax.scale_by_galore(rank=rank)
+
+
+def test_rank_as_array_points_to_static_args():
+  with pytest.raises(TypeError, match="static_args=\\('rank',\\)"):
+    galore_jax.scale_by_galore(rank=jnp.asarray(4))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "4", True])
+def test_rank_callable_returning_garbage(bad):
+  tx = galore_jax.scale_by_galore(rank=lambda path, leaf: bad)
+  with pytest.raises(ValueError, match=r"`rank` callable .* got .*\['b'\]"):
+    tx.init(PARAMS)
+
+
+@pytest.mark.parametrize("gap", [0, -5, 1.5])
+def test_update_proj_gap(gap):
+  with pytest.raises(ValueError, match=f"`update_proj_gap`.*{gap}"):
+    galore_jax.scale_by_galore(update_proj_gap=gap)
+
+
+def test_update_proj_gap_not_a_number():
+  with pytest.raises(TypeError, match="`update_proj_gap`.*'200'"):
+    galore_jax.scale_by_galore(update_proj_gap="200")
+
+
+def test_unknown_proj_type_lists_valid_ones():
+  with pytest.raises(ValueError, match="`proj_type` must be one of .*'std'.*"
+                     "'reverse_std'.*'left'.*'right'.*'full'.*got 'svd'"):
+    galore_jax.scale_by_galore(proj_type="svd")
+
+
+def test_base_not_a_transform():
+  with pytest.raises(TypeError, match="`base`"):
+    galore_jax.scale_by_galore(base=optax.adam)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, "complex"])
+def test_projector_dtype(dtype):
+  with pytest.raises(ValueError, match="`projector_dtype`"):
+    galore_jax.scale_by_galore(projector_dtype=dtype)
+
+
+@pytest.mark.parametrize("dn,match", [
+    (galore_jax.DimensionNumbers(reduction_axis=3), "reduction_axis 3"),
+    (galore_jax.DimensionNumbers(reduction_axis=0, output_axis=0),
+     "disjoint"),
+    (galore_jax.DimensionNumbers(reduction_axis=0, output_axis=1,
+                                 batch_axis=1), "disjoint"),
+    (galore_jax.DimensionNumbers(reduction_axis=(), output_axis=1),
+     "non-empty"),
+])
+def test_dim_numbers_that_do_not_fit(dn, match):
+  tx = galore_jax.scale_by_galore(rank=4, dim_numbers={"w": dn, "b": None})
+  with pytest.raises(ValueError, match=f"`dim_numbers`.*{match}|"
+                     f"`dim_numbers`.*\\['w'\\]"):
+    tx.init(PARAMS)
+
+
+def test_dim_numbers_on_a_vector():
+  dn = galore_jax.DimensionNumbers(reduction_axis=0, output_axis=0)
+  tx = galore_jax.scale_by_galore(rank=4, dim_numbers={"w": None, "b": dn})
+  with pytest.raises(ValueError, match=r"`dim_numbers`.*\['b'\].*\(16,\)"):
+    tx.init(PARAMS)
+
+
+def test_dim_numbers_entry_of_wrong_type():
+  tx = galore_jax.scale_by_galore(rank=4, dim_numbers={"w": (0, 1), "b": None})
+  with pytest.raises(ValueError, match="`dim_numbers` does not match"):
+    tx.init(PARAMS)
+
+
+def test_mask_structure_not_matching_params():
+  tx = galore_jax.scale_by_galore(rank=4, mask={"w": True, "c": False})
+  with pytest.raises(ValueError, match=r"`mask` does not match.*\['b'\]"):
+    tx.init(PARAMS)
+  tx = galore_jax.scale_by_galore(
+      rank=4, mask={"w": True, "b": False, "extra": True})
+  with pytest.raises(ValueError, match=r"`mask` does not match.*\['extra'\]"):
+    tx.init(PARAMS)
+
+
+def test_mask_entries_not_bools():
+  tx = galore_jax.scale_by_galore(rank=4, mask={"w": "yes", "b": False})
+  with pytest.raises(TypeError, match=r"`mask` entries must be bools.*'yes'"):
+    tx.init(PARAMS)
+
+
+def test_mask_selecting_a_vector():
+  tx = galore_jax.scale_by_galore(rank=4, mask={"w": True, "b": True})
+  with pytest.raises(ValueError, match=r"`mask` selects.*\['b'\].*\(16,\)"):
+    tx.init(PARAMS)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.complex64])
+def test_integer_or_complex_params(dtype):
+  tx = galore_jax.galore_adamw(1e-3, rank=4)
+  with pytest.raises(TypeError, match=r"floating-point.*\['w'\].*"
+                     + jnp.dtype(dtype).name):
+    tx.init({"w": jnp.zeros((24, 16), dtype)})
+
+
+def test_weight_decay_and_momentum_ranges():
+  with pytest.raises(ValueError, match="`weight_decay`.*-0.1"):
+    galore_jax.galore_adamw(1e-3, weight_decay=-0.1)
+  with pytest.raises(ValueError, match="`momentum`.*1.5"):
+    galore_jax.galore_sgd(1e-3, momentum=1.5)
+
+
+def test_hf_eps_with_incompatible_options():
+  with pytest.raises(ValueError, match="`hf_eps=True`.*nesterov=True"):
+    galore_jax.galore_adamw(1e-3, hf_eps=True, nesterov=True)
+
+
+def test_state_for_other_params():
+  tx = galore_jax.scale_by_galore(rank=4, proj_type="full")
+  state = tx.init({"w": jnp.zeros((24, 16))})
+  other = galore_jax.scale_by_galore(rank=4)
+  with pytest.raises(ValueError, match=r"projector state with shapes \[\(4, 24\), \(16, 4\)\] does not match"):
+    other.update({"w": jnp.zeros((24, 16))}, state)
