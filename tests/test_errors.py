@@ -130,5 +130,6 @@ def test_state_for_other_params():
   tx = galore_jax.scale_by_galore(rank=4, proj_type="full")
   state = tx.init({"w": jnp.zeros((24, 16))})
   other = galore_jax.scale_by_galore(rank=4)
-  with pytest.raises(ValueError, match=r"projector state with shapes \[\(4, 24\), \(16, 4\)\] does not match"):
+  with pytest.raises(ValueError, match=r"projector state with shapes "
+                     r"\[\(4, 24\), \(16, 4\)\] does not match"):
     other.update({"w": jnp.zeros((24, 16))}, state)
