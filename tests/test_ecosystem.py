@@ -1,10 +1,12 @@
 """galore_jax inside the optax / Flax / Orbax ecosystem."""
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import galore_jax
@@ -158,8 +160,6 @@ def test_jit_with_donated_params_and_state():
 
 
 def test_nnx_optimizer():
-  nnx = pytest.importorskip("flax.nnx")
-
   class MLP(nnx.Module):
 
     def __init__(self, rngs):
@@ -199,7 +199,6 @@ def test_nnx_optimizer():
 
 
 def test_orbax_round_trip_resumes_bit_identically(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   opt = galore()
   n = 4
   full_p, full_s = train(opt, mlp_params(), 2 * n)
