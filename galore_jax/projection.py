@@ -207,11 +207,13 @@ def as_projectors(entry: Any, spec: LeafSpec) -> Projectors:
   arrays and their order are what counts.
   """
   arrays = jax.tree.leaves(entry)
-  if len(arrays) != spec.use_row + spec.use_col:
+  expected = [s for s in spec.projector_shapes if s is not None]
+  if [tuple(a.shape) for a in arrays] != expected:
     raise ValueError(
         f"projector state with shapes {[a.shape for a in arrays]} does not"
-        f" match the projection of a leaf of shape"
-        f" {spec.shape}: was the state initialised for other params?"
+        f" match the projection of a leaf of shape {spec.shape}, which"
+        f" needs {expected}: was the state initialised for other params or"
+        " another proj_type?"
     )
   return Projectors(
       row=arrays[0] if spec.use_row else optax.MaskedNode(),

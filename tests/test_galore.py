@@ -79,10 +79,10 @@ def test_projectors_are_orthonormal(proj_type):
   params = params_tree()
   tx = galore_jax.scale_by_galore(rank=4, proj_type=proj_type)
   _, state = tx.update(random_grads(params, 1), tx.init(params))
-  for proj in jax.tree.leaves(
-      state.projector, is_leaf=lambda x: isinstance(x, projection.Projectors)):
-    if not isinstance(proj, projection.Projectors):
-      continue
+  projectors = jax.tree.leaves(
+      state.projector, is_leaf=lambda x: isinstance(x, projection.Projectors))
+  assert len(projectors) == 3  # dense, wide, stack kernels
+  for proj in projectors:
     if not isinstance(proj.row, optax.MaskedNode):
       eye = jnp.broadcast_to(jnp.eye(4), proj.row.shape[:-2] + (4, 4))
       np.testing.assert_allclose(proj.row @ jnp.swapaxes(proj.row, -1, -2),
