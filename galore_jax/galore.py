@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from galore_jax import _validation
+from galore_jax import adam_8bit
 from galore_jax import projection
 
 Rank = int | Callable[[tuple, Any], Optional[int]]
@@ -44,10 +45,6 @@ def _check_projector_dtype(projector_dtype):
         f" {projector_dtype!r}"
     )
   return dtype
-
-
-def _low_rank_dtype(leaf_dtype, projector_dtype):
-  return jnp.promote_types(leaf_dtype, projector_dtype or leaf_dtype)
 
 
 def scale_by_galore(
@@ -122,6 +119,76 @@ def scale_by_galore(
   projection.check_rank(rank)
   _validation.concrete_number(
       "update_proj_gap", update_proj_gap, low=1, integer=True)
+  projector_dtype = _check_projector_dtype(projector_dtype)
+
+  def dtype_of(leaf_dtype):
+    return projector_dtype or leaf_dtype
+
+  def init_leaf(x, spec):
+    return projection.zero_projectors(spec, dtype_of(x.dtype))
+
+  def update_leaf(g2, entry, spec, count):
+    proj = projection.as_projectors(entry, spec)
+    proj = jax.lax.cond(
+        count % update_proj_gap == 0,
+        lambda: projection.svd_projectors(g2, spec, dtype_of(g2.dtype)),
+        lambda: proj,
+    )
+    return proj, proj
+
+  return scale_by_subspace(
+      ProjectorRule(init_leaf, update_leaf, dtype_of), rank=rank,
+      scale=scale, proj_type=proj_type, base=base, mask=mask,
+      dim_numbers=dim_numbers, state_type=GaLoreState)
+
+
+class ProjectorRule(NamedTuple):
+  """How a projected leaf stores, refreshes and reads its projectors.
+
+  The building block of :func:`scale_by_galore` and
+  ``galore_jax.scale_by_q_galore``: both are :func:`scale_by_subspace` with
+  their own rule.
+
+  Attributes:
+    init: ``(leaf, spec) -> entry``, the leaf's projector state (arrays, or
+      ``optax.MaskedNode``); ``leaf`` has the param's shape and dtype.
+    update: ``(g, entry, spec, count) -> (projectors, entry)``: given the
+      matrix view ``g`` of the gradient (``batch + (rows, cols)``), the
+      current entry and the step count, the float
+      :class:`~galore_jax.projection.Projectors` to use this step and the new
+      entry. Runs under ``jit``: refresh with ``lax.cond``.
+    dtype: ``leaf dtype -> dtype`` of the projectors ``update`` returns.
+  """
+
+  init: Callable[[Any, projection.LeafSpec], Any]
+  update: Callable[..., tuple[projection.Projectors, Any]]
+  dtype: Callable[[Any], Any]
+
+
+def scale_by_subspace(
+    rule: ProjectorRule,
+    *,
+    rank: Rank,
+    scale: float,
+    proj_type: str,
+    base: Optional[optax.GradientTransformation],
+    mask: Any,
+    dim_numbers: Any,
+    state_type: Callable[..., Any] = GaLoreState,
+) -> optax.GradientTransformation:
+  """Runs ``base`` in the subspaces that ``rule`` maintains, per leaf.
+
+  Shared by every GaLore variant: resolves which leaves are projected and how
+  (``rank``, ``mask``, ``dim_numbers``, ``proj_type``, see
+  :func:`scale_by_galore`), projects their gradients, runs ``base`` on the
+  low-rank tree (other leaves in full space, unscaled), maps the result back
+  and multiplies it by ``scale``. The state is ``state_type(count,
+  projector, base_state)``, ``projector`` holding ``rule``'s entries.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+  projection.check_rank(rank)
   _validation.concrete_number("scale", scale)
   projection.check_proj_type(proj_type)
   if base is None:
@@ -130,7 +197,6 @@ def scale_by_galore(
     raise TypeError(
         f"`base` must be an optax.GradientTransformation, got {base!r}"
     )
-  projector_dtype = _check_projector_dtype(projector_dtype)
 
   def resolve(tree):
     return projection.resolve_specs(
@@ -139,44 +205,37 @@ def scale_by_galore(
 
   def init_fn(params):
     leaves, treedef, specs = resolve(params)
-    projectors, low_rank = [], []
+    entries, low_rank = [], []
     for x, spec in zip(leaves, specs):
       if spec is None:
-        projectors.append(optax.MaskedNode())
+        entries.append(optax.MaskedNode())
         low_rank.append(x)
         continue
-      dtype = projector_dtype or x.dtype
-      projectors.append(projection.zero_projectors(spec, dtype))
-      low_rank.append(
-          jnp.zeros(spec.low_rank_shape, _low_rank_dtype(x.dtype, dtype)))
-    return GaLoreState(
+      entries.append(rule.init(x, spec))
+      dtype = jnp.promote_types(x.dtype, rule.dtype(x.dtype))
+      low_rank.append(jnp.zeros(spec.low_rank_shape, dtype))
+    return state_type(
         count=jnp.zeros([], jnp.int32),
-        projector=treedef.unflatten(projectors),
+        projector=treedef.unflatten(entries),
         base_state=base.init(treedef.unflatten(low_rank)),
     )
 
   def update_fn(updates, state, params=None):
     del params
     grads, treedef, specs = resolve(updates)
-    projectors = treedef.flatten_up_to(state.projector)
-    refresh = state.count % update_proj_gap == 0
+    entries = treedef.flatten_up_to(state.projector)
 
-    low_rank, new_projectors = [], []
-    for g, proj, spec in zip(grads, projectors, specs):
+    low_rank, projectors, new_entries = [], [], []
+    for g, entry, spec in zip(grads, entries, specs):
       if spec is None:
         low_rank.append(g)
-        new_projectors.append(optax.MaskedNode())
+        projectors.append(None)
+        new_entries.append(optax.MaskedNode())
         continue
-      proj = projection.as_projectors(proj, spec)
       g2 = projection.to_matrix(g, spec)
-      dtype = projector_dtype or g.dtype
-      proj = jax.lax.cond(
-          refresh,
-          lambda g2=g2, spec=spec, dtype=dtype: projection.svd_projectors(
-              g2, spec, dtype),
-          lambda proj=proj: proj,
-      )
-      new_projectors.append(proj)
+      proj, entry = rule.update(g2, entry, spec, state.count)
+      projectors.append(proj)
+      new_entries.append(entry)
       low_rank.append(projection.project(g2, proj, spec))
 
     low_updates, base_state = base.update(
@@ -184,15 +243,15 @@ def scale_by_galore(
     low_updates = treedef.flatten_up_to(low_updates)
 
     out = []
-    for g, u, proj, spec in zip(grads, low_updates, new_projectors, specs):
+    for g, u, proj, spec in zip(grads, low_updates, projectors, specs):
       if spec is None:
         out.append(u)
         continue
       full = projection.project_back(u, proj, spec) * scale
       out.append(projection.from_matrix(full, spec).astype(g.dtype))
-    return treedef.unflatten(out), GaLoreState(
+    return treedef.unflatten(out), state_type(
         count=optax.safe_int32_increment(state.count),
-        projector=treedef.unflatten(new_projectors),
+        projector=treedef.unflatten(new_entries),
         base_state=base_state,
     )
 
@@ -355,6 +414,62 @@ def galore_adamw(
         f" `nesterov`; got eps_root={eps_root!r}, nesterov={nesterov!r}")
   else:
     base = scale_by_adam_hf(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  return _galore_chain(
+      learning_rate, base, weight_decay, mask,
+      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
+           projector_dtype=projector_dtype))
+
+
+def galore_adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: Rank = 128,
+    update_proj_gap: int = 200,
+    scale: float = 1.0,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: Any = None,
+    *,
+    projection_mask: Any = None,
+    dim_numbers: Any = None,
+    projector_dtype: Any = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
+  """:func:`galore_adamw` with blockwise 8-bit moments (the paper's 8-bit GaLore).
+
+  The base is :func:`~galore_jax.scale_by_adam_8bit`, for the low-rank
+  moments of projected leaves and the full-space moments of the others.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank, update_proj_gap, scale, proj_type: see :func:`scale_by_galore`.
+    b1, b2, eps, block_size, min_8bit_size: see
+      :func:`~galore_jax.scale_by_adam_8bit`.
+    weight_decay, mask: decoupled weight decay and its mask.
+    projection_mask, dim_numbers, projector_dtype: see :func:`scale_by_galore`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import galore_adamw_8bit
+    >>> opt = galore_adamw_8bit(1e-2, rank=16)
+    >>> state = opt.init({"w": jnp.ones((512, 256))})
+    >>> state[0].base_state.mu["w"].codes.shape  # (16, 512) moment, 8-bit
+    (32, 256)
+
+  References:
+    Zhao et al., `GaLore <https://arxiv.org/abs/2403.03507>`_, 2024.
+    Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+    <https://arxiv.org/abs/2110.02861>`_, 2022.
+  """
+  base = adam_8bit.scale_by_adam_8bit(
+      b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size)
   return _galore_chain(
       learning_rate, base, weight_decay, mask,
       dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,

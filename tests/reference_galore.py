@@ -77,6 +77,8 @@ class GaLoreAdamW:
   per param (None: plain AdamW).
   """
 
+  projector_cls = Projector
+
   def __init__(self, params, galore, lr, betas=(0.9, 0.999), eps=1e-6,
                weight_decay=0.0):
     self.params = params
@@ -89,7 +91,7 @@ class GaLoreAdamW:
     for p, grad, cfg, state in zip(self.params, grads, self.galore, self.state):
       if cfg is not None:
         if "projector" not in state:
-          state["projector"] = Projector(**cfg)
+          state["projector"] = self.projector_cls(**cfg)
         grad = state["projector"].project(grad, state["step"])
       if "exp_avg" not in state:
         state["exp_avg"] = np.zeros_like(grad)

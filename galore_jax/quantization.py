@@ -1,0 +1,416 @@
+r"""Quantization primitives: group-wise codes, packing, stochastic rounding.
+
+Two schemes, each the one the official method uses:
+
+* **Group-wise asymmetric (Q-GaLore's projectors and INT8 weights).** The
+  array is flattened row-major and cut into groups of ``group_size``
+  consecutive elements; each group gets a float32 ``scale`` and an integer
+  zero point, with the official formulas (``b`` bits, ``Q = 2^b - 1``)
+
+  .. math::
+    s = \frac{\max(\max w - \min w,\ 10^{-5})}{Q}, \quad
+    z = \mathrm{clip}(-\mathrm{round}(\min w / s), 0, Q), \quad
+    q = \mathrm{clip}(\mathrm{round}(w / s) + z, 0, Q), \quad
+    \hat w = s\,(q - z).
+
+  As in the official code, the zero point is clipped to the code range, so a
+  group that does not straddle zero (rare for groups of 256 weights or
+  singular-vector entries) is clipped, not shifted. A size that
+  ``group_size`` does not divide gets a shorter last group (the
+  array is padded with its last element, which changes no group's min or
+  max). Codes of 4 bits or fewer are packed several to a byte.
+* **Blockwise dynamic (bitsandbytes' 8-bit optimizer states).** Blocks of
+  ``block_size`` elements are divided by their absmax and each value is
+  mapped to the nearest of 256 entries of a non-linear "dynamic" code map
+  (:func:`dynamic_code_map`), signed for Adam's first moment, unsigned for
+  the second.
+
+Rounding is to nearest (ties to even, as ``torch.round``) unless a PRNG key
+is given, which selects unbiased stochastic rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from galore_jax import _validation
+
+
+def check_bits(bits: Any, name: str = "bits") -> int:
+  """Returns ``bits`` if it is an int in 2..8, else raises a clear error."""
+  if isinstance(bits, (bool, np.bool_)) or not isinstance(
+      bits, (int, np.integer)) or not 2 <= bits <= 8:
+    raise ValueError(f"`{name}` must be an int in 2..8, got {bits!r}")
+  return int(bits)
+
+
+def num_groups(size: int, group_size: int) -> int:
+  """Number of groups of ``group_size`` covering ``size`` elements."""
+  return -(-size // group_size)
+
+
+# ---------------------------------------------------------------------------
+# Rounding.
+
+
+def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
+  """Rounds up with probability equal to the fractional part (unbiased).
+
+  ``E[stochastic_round(x)] = x``, so increments far below one code step still
+  move the expected value, where round-to-nearest would drop them.
+
+  Args:
+    x: float array.
+    key: a PRNG key (required: there is no default key).
+
+  Returns:
+    ``floor(x) + (u < x - floor(x))`` with ``u ~ U[0, 1)``, in ``x``'s dtype.
+  """
+  check_key(key, "stochastic_round")
+  u = jax.random.uniform(key, x.shape, jnp.float32)
+  x = x.astype(jnp.float32)
+  lo = jnp.floor(x)
+  return lo + (u < x - lo).astype(jnp.float32)
+
+
+def check_key(key: Any, what: str) -> None:
+  if key is None:
+    raise TypeError(
+        f"{what} needs an explicit PRNG key (e.g. jax.random.key(0), split"
+        " per step); there is no default key, because a fixed one would"
+        " round every step the same way"
+    )
+  if not (jax.dtypes.issubdtype(getattr(key, "dtype", None),
+                                jax.dtypes.prng_key)
+          or (getattr(key, "dtype", None) == jnp.uint32
+              and getattr(key, "shape", None) == (2,))):
+    raise TypeError(
+        f"{what}: `key` must be a single PRNG key (jax.random.key or"
+        f" jax.random.PRNGKey), got {key!r}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Group-wise asymmetric quantization.
+
+
+def _true_divide(x: jax.Array, c: float) -> jax.Array:
+  """``x / c`` rounded as IEEE division (torch's result, bit for bit).
+
+  XLA rewrites division by a constant into multiplication by its reciprocal,
+  which is off by one ulp for about half the inputs; dividing by an array
+  that is not a compile-time constant keeps the division.
+  """
+  return x / (jnp.float32(c) + jnp.zeros_like(x) * x)
+
+
+def _groups(x: jax.Array, group_size: int) -> jax.Array:
+  """``x`` flattened row-major as ``(num_groups, group_size)``, edge-padded."""
+  flat = jnp.ravel(x)
+  pad = num_groups(flat.size, group_size) * group_size - flat.size
+  if pad:
+    flat = jnp.pad(flat, (0, pad), mode="edge")
+  return flat.reshape(-1, group_size)
+
+
+def quantize_groupwise(
+    x: jax.Array,
+    bits: int = 8,
+    group_size: int = 256,
+    *,
+    key: Optional[jax.Array] = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Group-wise asymmetric min-max quantization (official Q-GaLore formulas).
+
+  Args:
+    x: array of any shape; quantized over its row-major flattening.
+    bits: code width, 2..8.
+    group_size: elements per group (the last group may be shorter).
+    key: optional PRNG key: stochastic rounding instead of nearest.
+
+  Returns:
+    ``(codes, scales, zeros)``: uint8 codes of shape ``(groups, group_size)``
+    (unpacked, values in ``[0, 2^bits)``), float32 scales and uint8 zero
+    points of shape ``(groups,)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import quantization as q
+    >>> codes, scales, zeros = q.quantize_groupwise(jnp.linspace(-1, 1, 8),
+    ...                                             bits=4, group_size=8)
+    >>> codes.tolist(), scales.tolist(), zeros.tolist()  # s = 2/15, z = 7
+    ([[0, 2, 4, 6, 8, 10, 12, 14]], [0.13333334028720856], [7])
+    >>> w = q.dequantize_groupwise(codes, scales, zeros, (8,))
+    >>> [round(float(v), 4) for v in w[:3]]  # s * (q - z)
+    [-0.9333, -0.6667, -0.4]
+  """
+  bits = check_bits(bits)
+  _validation.positive_int("group_size", group_size)
+  max_int = 2**bits - 1
+  w = _groups(x.astype(jnp.float32), group_size)
+  lo = jnp.min(w, axis=1, keepdims=True)
+  hi = jnp.max(w, axis=1, keepdims=True)
+  scales = _true_divide(jnp.maximum(hi - lo, 1e-5), max_int)
+  zeros = jnp.clip(-jnp.round(lo / scales), 0, max_int)
+  y = w / scales
+  y = jnp.round(y) if key is None else stochastic_round(y, key)
+  codes = jnp.clip(y + zeros, 0, max_int)
+  return (codes.astype(jnp.uint8), scales[:, 0],
+          zeros[:, 0].astype(jnp.uint8))
+
+
+def dequantize_groupwise(
+    codes: jax.Array,
+    scales: jax.Array,
+    zeros: jax.Array,
+    shape: tuple[int, ...],
+    dtype: Any = jnp.float32,
+) -> jax.Array:
+  """Inverse of :func:`quantize_groupwise`: ``scale * (q - zero)``."""
+  size = math.prod(shape)
+  q = codes.reshape(scales.shape[0], -1).astype(jnp.float32)
+  w = scales[:, None] * (q - zeros[:, None].astype(jnp.float32))
+  return w.reshape(-1)[:size].reshape(shape).astype(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Packing codes of <= 4 bits several to a byte.
+
+
+def codes_per_byte(bits: int) -> int:
+  """4 codes per byte for 2 bits, 2 for 3-4 bits, 1 for 5-8 bits."""
+  bits = check_bits(bits)
+  return 4 if bits == 2 else 2 if bits <= 4 else 1
+
+
+def packed_size(size: int, bits: int) -> int:
+  """Bytes that :func:`pack` uses for ``size`` codes of ``bits`` bits."""
+  return -(-size // codes_per_byte(bits))
+
+
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+  """Packs uint8 codes (values < ``2^bits``) into a flat uint8 array.
+
+  Code ``i`` of each byte sits at bit offset ``i * 8 // codes_per_byte``, low
+  bits first; a ragged tail is padded with zero codes.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import quantization as q
+    >>> packed = q.pack(jnp.array([1, 2, 15], jnp.uint8), bits=4)
+    >>> packed.tolist()  # 0x21, then 0x0f
+    [33, 15]
+    >>> q.unpack(packed, bits=4, size=3).tolist()
+    [1, 2, 15]
+  """
+  k = codes_per_byte(bits)
+  flat = jnp.ravel(codes).astype(jnp.uint8)
+  if k == 1:
+    return flat
+  pad = packed_size(flat.size, bits) * k - flat.size
+  if pad:
+    flat = jnp.pad(flat, (0, pad))
+  slots = flat.reshape(-1, k).astype(jnp.uint32)
+  shifts = jnp.arange(k, dtype=jnp.uint32) * (8 // k)
+  return jnp.sum(slots << shifts, axis=1).astype(jnp.uint8)
+
+
+def unpack(packed: jax.Array, bits: int, size: int) -> jax.Array:
+  """Inverse of :func:`pack`: the first ``size`` codes, flat uint8."""
+  k = codes_per_byte(bits)
+  if k == 1:
+    return packed[:size]
+  width = 8 // k
+  shifts = jnp.arange(k, dtype=jnp.uint8) * width
+  codes = (packed[:, None] >> shifts) & jnp.uint8(2**width - 1)
+  return codes.reshape(-1)[:size]
+
+
+# ---------------------------------------------------------------------------
+# Quantized arrays (INT8 weights).
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+  """A float array stored as group-wise codes; a pytree of three arrays.
+
+  Hold it wherever an array goes: in a params dict, or as the value of a
+  Flax NNX ``Param`` (``nnx.Param(quantize_array(w))``), and call
+  :func:`dequantize` (a no-op on ordinary arrays) where the layer uses it.
+  Shape, dtype, bits and group size are static pytree metadata, so a
+  checkpoint restores exactly this layout.
+
+  Attributes:
+    codes: packed uint8 codes, flat (see :func:`pack`).
+    scales: float32 per-group scales, ``(groups,)``.
+    zeros: uint8 per-group zero points, ``(groups,)``.
+    shape: shape of the float array.
+    dtype: dtype :func:`dequantize` returns.
+    bits: code width, 2..8.
+    group_size: elements per group.
+  """
+
+  codes: jax.Array
+  scales: jax.Array
+  zeros: jax.Array
+  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  dtype: Any = dataclasses.field(metadata=dict(static=True))
+  bits: int = dataclasses.field(default=8, metadata=dict(static=True))
+  group_size: int = dataclasses.field(
+      default=256, metadata=dict(static=True))
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes actually stored: codes, scales and zero points."""
+    return sum(a.size * a.dtype.itemsize
+               for a in (self.codes, self.scales, self.zeros))
+
+  def dequantize(self) -> jax.Array:
+    """The float array, ``scale * (code - zero)``, in :attr:`dtype`."""
+    size = num_groups(self.size, self.group_size) * self.group_size
+    codes = unpack(self.codes, self.bits, size)
+    return dequantize_groupwise(codes, self.scales, self.zeros, self.shape,
+                                self.dtype)
+
+
+def quantize_array(
+    x: jax.Array,
+    bits: int = 8,
+    group_size: int = 256,
+    *,
+    key: Optional[jax.Array] = None,
+) -> QuantizedArray:
+  """Quantizes ``x`` group-wise into a :class:`QuantizedArray`.
+
+  Args:
+    x: a floating-point array.
+    bits: code width, 2..8 (codes of <= 4 bits are packed).
+    group_size: elements per group of the row-major flattening.
+    key: optional PRNG key: stochastic rounding instead of nearest.
+
+  Returns:
+    A :class:`QuantizedArray` that dequantizes to ``x`` within half a code
+    step per element (one step with stochastic rounding).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax.quantization import quantize_array
+    >>> w = jnp.linspace(-1.0, 1.0, 512).reshape(16, 32)
+    >>> qw = quantize_array(w)
+    >>> qw.codes.dtype, qw.nbytes  # 512 codes + 2 groups of (scale, zero)
+    (dtype('uint8'), 522)
+    >>> bool(jnp.abs(qw.dequantize() - w).max() <= 2 / 255 / 2 + 1e-6)
+    True
+  """
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"quantize_array needs a float array, got {x.dtype}")
+  bits = check_bits(bits)
+  _validation.positive_int("group_size", group_size)
+  codes, scales, zeros = quantize_groupwise(x, bits, group_size, key=key)
+  return QuantizedArray(
+      codes=pack(codes, bits), scales=scales, zeros=zeros,
+      shape=tuple(x.shape), dtype=jnp.dtype(x.dtype), bits=bits,
+      group_size=int(group_size))
+
+
+def dequantize(x: Any) -> Any:
+  """``x.dequantize()`` for a :class:`QuantizedArray`, ``x`` otherwise."""
+  return x.dequantize() if isinstance(x, QuantizedArray) else x
+
+
+def is_quantized(x: Any) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
+# ---------------------------------------------------------------------------
+# Blockwise dynamic 8-bit quantization (bitsandbytes' optimizer states).
+
+
+@functools.cache
+def _dynamic_code_map(signed: bool) -> np.ndarray:
+  # bitsandbytes.functional.create_dynamic_map(signed, 7, 8): for each decade
+  # 10^-6 .. 10^0, the midpoints of an even split of [0.1, 1]; 7 "non-sign"
+  # bits for both kinds (an unsigned map spends the sign bit on resolution).
+  data = []
+  for i in range(7):
+    n = 2**i + 1 if signed else 2**(i + 1) + 1
+    edges = np.linspace(0.1, 1, n, dtype=np.float32)
+    means = (edges[:-1] + edges[1:]) / 2.0
+    data += list(10.0 ** (-6 + i) * means)
+    if signed:
+      data += list(-(10.0 ** (-6 + i)) * means)
+  data += [0.0, 1.0]
+  assert len(data) == 256
+  return np.sort(np.asarray(data, np.float32))
+
+
+def dynamic_code_map(signed: bool) -> np.ndarray:
+  """The 256 values of bitsandbytes' dynamic (non-linear) 8-bit code map.
+
+  Sorted float32 values in ``[-1, 1]`` (signed) or ``[0, 1]`` (unsigned),
+  dense near zero: about 7 decades with a few significant bits each, which
+  keeps Adam's moments, spread over orders of magnitude, accurate in
+  relative terms.
+
+  Examples:
+    >>> from galore_jax.quantization import dynamic_code_map
+    >>> m = dynamic_code_map(signed=True)
+    >>> m.shape, float(m.min()), float(m.max())
+    ((256,), -0.99296..., 1.0)
+  """
+  return _dynamic_code_map(bool(signed)).copy()
+
+
+def quantize_blockwise(
+    x: jax.Array, signed: bool, block_size: int = 256
+) -> tuple[jax.Array, jax.Array]:
+  """Blockwise absmax quantization to the nearest dynamic-map entry.
+
+  Args:
+    x: float array, quantized over its row-major flattening.
+    signed: use the signed map (else the unsigned one: ``x >= 0``).
+    block_size: elements per absmax block (the tail block is zero-padded).
+
+  Returns:
+    ``(codes, absmax)``: uint8 indices into :func:`dynamic_code_map` of shape
+    ``(blocks, block_size)`` and float32 absmax of shape ``(blocks,)``.
+  """
+  _validation.positive_int("block_size", block_size)
+  code_map = jnp.asarray(_dynamic_code_map(bool(signed)))
+  flat = jnp.ravel(x).astype(jnp.float32)
+  pad = num_groups(flat.size, block_size) * block_size - flat.size
+  blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
+  absmax = jnp.max(jnp.abs(blocks), axis=1)
+  safe = jnp.where(absmax > 0, absmax, 1.0)
+  normed = blocks / safe[:, None]
+  midpoints = (code_map[1:] + code_map[:-1]) / 2
+  codes = jnp.searchsorted(midpoints, normed)
+  return codes.astype(jnp.uint8), absmax
+
+
+def dequantize_blockwise(
+    codes: jax.Array,
+    absmax: jax.Array,
+    signed: bool,
+    shape: tuple[int, ...],
+) -> jax.Array:
+  """Inverse of :func:`quantize_blockwise`, float32 of ``shape``."""
+  code_map = jnp.asarray(_dynamic_code_map(bool(signed)))
+  x = code_map[codes.astype(jnp.int32)] * absmax[:, None]
+  return x.reshape(-1)[:math.prod(shape)].reshape(shape)
