@@ -17,8 +17,19 @@ def is_tracer(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
+def static(name: str, value: Any, what: str) -> None:
+  """Raises a clear error if a shape-setting argument is an array/tracer."""
+  if is_tracer(value) or isinstance(value, jax.Array):
+    raise TypeError(
+        f"`{name}` must be {what}, got {value!r}. It sets shapes, so it is"
+        " static: with optax.inject_hyperparams pass"
+        f" static_args=('{name}', ...)."
+    )
+
+
 def positive_int(name: str, value: Any) -> int:
   """Returns ``value`` if it is a positive Python/NumPy int (not a bool)."""
+  static(name, value, "a positive int")
   if isinstance(value, (bool, np.bool_)) or not isinstance(
       value, numbers.Integral
   ) or value < 1:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_jax import _pytrees
 from galore_jax import _validation
 from galore_jax import quantization
 
@@ -58,9 +59,8 @@ def _is_8bit(x: Any, min_8bit_size: int) -> bool:
 
 
 def _codes(entry: Any) -> BlockwiseCodes:
-  # nnx.Optimizer may hand the entry back as a plain tuple: rebuild it.
-  codes, absmax = jax.tree.leaves(entry)
-  return BlockwiseCodes(codes, absmax)
+  # nnx.Optimizer may hand the entry back as a tuple or a mapping by name.
+  return _pytrees.as_record(BlockwiseCodes, entry)
 
 
 def scale_by_adam_8bit(

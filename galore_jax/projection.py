@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_jax import _pytrees
 from galore_jax import _validation
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -200,24 +201,32 @@ def svd_projectors(g: jax.Array, spec: LeafSpec, dtype) -> Projectors:
 
 
 def as_projectors(entry: Any, spec: LeafSpec) -> Projectors:
-  """Rebuilds a leaf's :class:`Projectors` from its array leaves.
+  """Rebuilds a leaf's :class:`Projectors`, checking the shapes.
 
   State trees may come back with their containers changed (``nnx.Optimizer``
-  hands ``update`` plain tuples where ``init`` returned NamedTuples); the
-  arrays and their order are what counts.
+  hands ``update`` a plain tuple, or a mapping by field name, where ``init``
+  returned the NamedTuple); see :func:`galore_jax._pytrees.as_record`.
   """
-  arrays = jax.tree.leaves(entry)
-  expected = [s for s in spec.projector_shapes if s is not None]
-  if [tuple(a.shape) for a in arrays] != expected:
+  if isinstance(entry, (tuple, list)) and not isinstance(entry, Projectors):
+    # Positional: only the used sides survive as arrays, row before col.
+    arrays = jax.tree.leaves(entry)
+    entry = Projectors(
+        row=arrays[0] if spec.use_row and arrays else optax.MaskedNode(),
+        col=arrays[-1] if spec.use_col and arrays else optax.MaskedNode())
+  proj = _pytrees.as_record(Projectors, entry, missing=optax.MaskedNode())
+  got = [getattr(proj, side, None) for side in ("row", "col")]
+  got = [None if isinstance(a, optax.MaskedNode) or a is None
+         or not hasattr(a, "shape") else tuple(a.shape) for a in got]
+  if got != list(spec.projector_shapes):
     raise ValueError(
-        f"projector state with shapes {[a.shape for a in arrays]} does not"
+        f"projector state with shapes (row, col) = {tuple(got)} does not"
         f" match the projection of a leaf of shape {spec.shape}, which"
-        f" needs {expected}: was the state initialised for other params or"
-        " another proj_type?"
+        f" needs {tuple(spec.projector_shapes)}: was the state initialised"
+        " for other params or another proj_type?"
     )
   return Projectors(
-      row=arrays[0] if spec.use_row else optax.MaskedNode(),
-      col=arrays[-1] if spec.use_col else optax.MaskedNode(),
+      row=proj.row if spec.use_row else optax.MaskedNode(),
+      col=proj.col if spec.use_col else optax.MaskedNode(),
   )
 
 

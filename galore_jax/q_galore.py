@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_jax import _pytrees
 from galore_jax import _validation
 from galore_jax import adam_8bit
 from galore_jax import galore
@@ -213,18 +214,17 @@ def scale_by_q_galore(
     )
 
   def as_state(entry, spec):
-    # nnx.Optimizer may hand back a plain tuple: rebuild from the arrays.
-    arrays = jax.tree.leaves(entry)
-    expected = jax.tree.leaves(jax.eval_shape(
-        lambda: init_leaf(None, spec)))
-    if [a.shape for a in arrays] != [e.shape for e in expected]:
+    # nnx.Optimizer may hand back a tuple or a mapping by field name.
+    st = _pytrees.as_record(QuantizedProjector, entry)
+    expected = jax.eval_shape(lambda: init_leaf(None, spec))
+    shapes = lambda t: [tuple(getattr(a, "shape", ())) for a in t]
+    if shapes(st) != shapes(expected):
       raise ValueError(
-          f"Q-GaLore projector state with shapes {[a.shape for a in arrays]}"
-          f" does not match a leaf of shape {spec.shape}, which needs"
-          f" {[e.shape for e in expected]}: was the state initialised for"
-          " other params or settings?"
+          f"Q-GaLore projector state with shapes {shapes(st)} does not match"
+          f" a leaf of shape {spec.shape}, which needs {shapes(expected)}:"
+          " was the state initialised for other params or settings?"
       )
-    return QuantizedProjector(*arrays)
+    return st
 
   def refresh_layer(g, st, count, spec):
     """New projector of one layer (unbatched ``g``), schedule updated."""
@@ -361,6 +361,7 @@ def q_galore_adamw(
   References:
     Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
   """
+  _validation.static("state_bits", state_bits, "8 or 32")
   if state_bits not in (8, 32) or isinstance(state_bits, bool):
     raise ValueError(f"`state_bits` must be 8 or 32, got {state_bits!r}")
   _validation.concrete_number("weight_decay", weight_decay, low=0)

@@ -45,6 +45,7 @@ from galore_jax import _validation
 
 def check_bits(bits: Any, name: str = "bits") -> int:
   """Returns ``bits`` if it is an int in 2..8, else raises a clear error."""
+  _validation.static(name, bits, "an int in 2..8")
   if isinstance(bits, (bool, np.bool_)) or not isinstance(
       bits, (int, np.integer)) or not 2 <= bits <= 8:
     raise ValueError(f"`{name}` must be an int in 2..8, got {bits!r}")
