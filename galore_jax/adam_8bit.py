@@ -7,6 +7,13 @@ unsigned one, each block of ``block_size`` elements scaled by its absmax
 (:func:`galore_jax.quantization.quantize_blockwise`). As in bitsandbytes,
 leaves smaller than ``min_8bit_size`` (biases, norms) keep float32 moments.
 
+A moment that is not zero is never stored as zero: it takes the smallest
+non-zero code of its sign (bitsandbytes keeps the first moment's sign the same
+way). For the second moment this matters: an element whose ``v`` is below
+the map's resolution in its block (about 1.6e-7 of the block's absmax) while
+its ``m`` survives would otherwise get the update ``m / eps`` (thousands of
+times the learning rate) as soon as its gradient is zero.
+
 Memory: 2 bytes per element plus 8 bytes per block of each moment, against 8
 bytes for float32 Adam (0.254x at the default block of 256).
 """
@@ -146,8 +153,8 @@ def scale_by_adam_8bit(
   def store(x, signed, g):
     if not _is_8bit(g, min_8bit_size):
       return x
-    return BlockwiseCodes(
-        *quantization.quantize_blockwise(x, signed, block_size))
+    return BlockwiseCodes(*quantization.quantize_blockwise(
+        x, signed, block_size, keep_nonzero=True))
 
   def update_fn(updates, state, params=None):
     del params

@@ -379,7 +379,8 @@ def dynamic_code_map(signed: bool) -> np.ndarray:
 
 
 def quantize_blockwise(
-    x: jax.Array, signed: bool, block_size: int = 256
+    x: jax.Array, signed: bool, block_size: int = 256, *,
+    keep_nonzero: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Blockwise absmax quantization to the nearest dynamic-map entry.
 
@@ -387,13 +388,18 @@ def quantize_blockwise(
     x: float array, quantized over its row-major flattening.
     signed: use the signed map (else the unsigned one: ``x >= 0``).
     block_size: elements per absmax block (the tail block is zero-padded).
+    keep_nonzero: a non-zero value never takes the code of 0: it gets the
+      nearest non-zero code of its sign instead. 8-bit Adam needs this for
+      its second moment: a tiny ``v`` stored as 0 beside a surviving ``m``
+      would make the next update ``m / eps``.
 
   Returns:
     ``(codes, absmax)``: uint8 indices into :func:`dynamic_code_map` of shape
     ``(blocks, block_size)`` and float32 absmax of shape ``(blocks,)``.
   """
   _validation.positive_int("block_size", block_size)
-  code_map = jnp.asarray(_dynamic_code_map(bool(signed)))
+  table = _dynamic_code_map(bool(signed))
+  code_map = jnp.asarray(table)
   flat = jnp.ravel(x).astype(jnp.float32)
   pad = num_groups(flat.size, block_size) * block_size - flat.size
   blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
@@ -402,6 +408,10 @@ def quantize_blockwise(
   normed = blocks / safe[:, None]
   midpoints = (code_map[1:] + code_map[:-1]) / 2
   codes = jnp.searchsorted(midpoints, normed)
+  if keep_nonzero:
+    zero = int(np.flatnonzero(table == 0)[0])
+    nudged = jnp.where(blocks > 0, zero + 1, zero - 1 if signed else zero)
+    codes = jnp.where((codes == zero) & (blocks != 0), nudged, codes)
   return codes.astype(jnp.uint8), absmax
 
 

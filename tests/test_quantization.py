@@ -192,3 +192,16 @@ def test_bad_bits_and_keys():
     q.stochastic_round(jnp.ones(3), 0)
   with pytest.raises(TypeError, match="needs a float array"):
     q.quantize_array(jnp.ones(3, jnp.int32))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_blockwise_keep_nonzero(signed):
+  x = jnp.array([1.0, 1e-9, -1e-9, 0.0] if signed else [1.0, 1e-9, 0.0, 0.0])
+  m = q.dynamic_code_map(signed)
+  plain, _ = q.quantize_blockwise(x, signed, 4)
+  kept, _ = q.quantize_blockwise(x, signed, 4, keep_nonzero=True)
+  assert m[plain[0, 1]] == 0.0  # below resolution: rounds to zero...
+  assert m[kept[0, 1]] == m[m > 0].min()  # ...unless asked to keep it
+  if signed:
+    assert m[kept[0, 2]] == m[m < 0].max()
+  assert m[kept[0, 3]] == 0.0 and kept[0, 0] == plain[0, 0]
