@@ -139,3 +139,72 @@ def test_state_for_other_params():
   with pytest.raises(ValueError, match=r"\(\(4, 24\), None\) does not "
                      r"match.*needs \(None, \(16, 4\)\)"):
     other.update({"w": jnp.zeros((24, 16))}, state)
+
+
+# --- Q-GaLore ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 4.0, True, "4"])
+def test_q_galore_proj_bits(bits):
+  with pytest.raises(ValueError, match=r"`proj_bits` must be an int in 2\.\.8"):
+    galore_jax.scale_by_q_galore(proj_bits=bits)
+  with pytest.raises(ValueError, match=r"`proj_bits` must be an int in 2\.\.8"):
+    galore_jax.q_galore_adamw(1e-3, proj_bits=bits)
+
+
+@pytest.mark.parametrize("size", [0, -256, 1.5, None])
+def test_q_galore_proj_group_size(size):
+  with pytest.raises(ValueError, match="`proj_group_size` must be a positive"):
+    galore_jax.scale_by_q_galore(proj_group_size=size)
+
+
+@pytest.mark.parametrize("cos", [-1.01, 1.5, float("nan")])
+def test_q_galore_cos_threshold(cos):
+  with pytest.raises(ValueError, match=r"`cos_threshold` must be in \[-1, 1\]"):
+    galore_jax.scale_by_q_galore(cos_threshold=cos)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0, -2])
+def test_q_galore_gamma_proj(gamma):
+  with pytest.raises(ValueError, match=r"`gamma_proj` must be in \[1, inf\]"):
+    galore_jax.q_galore_adamw(1e-3, gamma_proj=gamma)
+
+
+@pytest.mark.parametrize("queue", [0, -1, 2.0])
+def test_q_galore_queue_size(queue):
+  with pytest.raises(ValueError, match="`queue_size` must be a positive int"):
+    galore_jax.scale_by_q_galore(queue_size=queue)
+
+
+@pytest.mark.parametrize("state_bits", [4, 16, 0, True, "8"])
+def test_q_galore_state_bits(state_bits):
+  with pytest.raises(ValueError, match="`state_bits` must be 8 or 32"):
+    galore_jax.q_galore_adamw(1e-3, state_bits=state_bits)
+
+
+def test_q_galore_two_sided_projection_is_refused():
+  with pytest.raises(ValueError, match="Q-GaLore projects one side.*'full'"):
+    galore_jax.scale_by_q_galore(proj_type="full")
+  with pytest.raises(ValueError, match="`proj_type` must be one of"):
+    galore_jax.scale_by_q_galore(proj_type="diagonal")
+
+
+def test_q_galore_hf_eps_needs_float_moments():
+  with pytest.raises(ValueError, match="`hf_eps=True` needs `state_bits=32`"):
+    galore_jax.q_galore_adamw(1e-3, hf_eps=True)
+
+
+def test_q_galore_state_for_other_settings():
+  params = {"w": jnp.zeros((48, 32))}
+  state = galore_jax.scale_by_q_galore(rank=4, proj_bits=8).init(params)
+  other = galore_jax.scale_by_q_galore(rank=4, proj_bits=4)
+  with pytest.raises(ValueError, match="Q-GaLore projector state with shapes"
+                     ".*does not match a leaf of shape \\(48, 32\\)"):
+    other.update(params, state)
+
+
+def test_q_galore_rank_and_gap_rules_are_galore_s():
+  with pytest.raises(ValueError, match="`rank` must be a positive int"):
+    galore_jax.scale_by_q_galore(rank=0)
+  with pytest.raises(ValueError, match=r"`update_proj_gap` must be in"):
+    galore_jax.scale_by_q_galore(update_proj_gap=0)
