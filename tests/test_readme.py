@@ -1,17 +1,24 @@
-"""The README's quickstart runs and trains."""
+"""The README's quickstarts run and train."""
 
 import pathlib
 import re
+
+import jax
 
 import galore_jax
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_quickstart_runs_and_decreases_the_loss():
-  code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+def run_block(i):
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
   scope = {}
-  exec(compile(code, str(README), "exec"), scope)  # pylint: disable=exec-used
+  exec(compile(blocks[i], str(README), "exec"), scope)  # pylint: disable=exec-used
+  return scope
+
+
+def test_quickstart_runs_and_decreases_the_loss():
+  scope = run_block(0)
   params, opt_state = scope["params"], scope["opt_state"]
   state = opt_state[0]
   assert isinstance(state, galore_jax.GaLoreState)
@@ -21,4 +28,19 @@ def test_quickstart_runs_and_decreases_the_loss():
   for _ in range(5):
     params, opt_state, loss = scope["train_step"](params, opt_state,
                                                   scope["x"], scope["y"])
+  assert float(loss) < first
+
+
+def test_q_galore_quickstart_runs_and_decreases_the_loss():
+  scope = run_block(1)
+  qparams, opt_state = scope["qparams"], scope["opt_state"]
+  assert isinstance(qparams["w1"], galore_jax.QuantizedArray)
+  assert isinstance(opt_state[0], galore_jax.QGaLoreState)
+  assert opt_state[0].projector["w1"].codes.shape == (512 * 64 // 2,)  # int4
+  first = float(scope["loss_fn"](galore_jax.dequantize_params(qparams),
+                                 scope["x"], scope["y"]))
+  for t in range(5):
+    qparams, opt_state, loss = scope["train_step"](
+        qparams, opt_state, scope["x"], scope["y"],
+        jax.random.key(10 + t))
   assert float(loss) < first
