@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import galore_jax
@@ -179,3 +180,17 @@ def test_bad_inputs():
                                         jax.random.key(0))
   with pytest.raises(ValueError, match="`bits` must be an int in 2..8"):
     galore_jax.quantize_params({"w": jnp.ones((4, 4))}, bits=16)
+
+
+def test_int8_weights_round_trip_through_orbax(tmp_path):
+  params = galore_jax.quantize_params(mlp_init())
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.save(0, args=ocp.args.StandardSave(params))
+    mngr.wait_until_finished()
+  abstract = jax.eval_shape(lambda: galore_jax.quantize_params(mlp_init()))
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    restored = mngr.restore(0, args=ocp.args.StandardRestore(abstract))
+  chex.assert_trees_all_equal(restored, params)
+  kernel = restored["l0"]["kernel"]
+  assert isinstance(kernel, galore_jax.QuantizedArray)
+  assert (kernel.shape, kernel.bits, kernel.group_size) == ((32, 64), 8, 256)

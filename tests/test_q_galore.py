@@ -156,8 +156,9 @@ def test_fifo_queue_and_growth_factor():
   # The queue holds the cosines of the refreshes at 12, 18, 27.
   vectors = {}
   st = tx.init(params)
+  update = jax.jit(tx.update)
   for t in range(30):
-    _, st = tx.update(random_grads(params, t), st)
+    _, st = update(random_grads(params, t), st)
     vectors[t] = st.projector["w"].vector
   cos = [float(jnp.vdot(vectors[a], vectors[b])) for a, b in
          ((9, 12), (12, 18), (18, 27))]

@@ -140,15 +140,21 @@ def test_multisteps_equals_one_big_batch():
   big = q_galore()
   p_micro, s_micro = mlp_params(), micro.init(mlp_params())
   p_big, s_big = mlp_params(), big.init(mlp_params())
+
+  def step(opt):
+    @jax.jit
+    def f(p, s, x, y):
+      u, s = opt.update(jax.grad(mlp_loss)(p, x, y), s, p)
+      return optax.apply_updates(p, u), s
+    return f
+
+  micro_step, big_step = step(micro), step(big)
   for t in range(5):
     xs, ys = zip(*(batch(t * k + i) for i in range(k)))
     for x, y in zip(xs, ys):
-      g = jax.grad(mlp_loss)(p_micro, x, y)
-      u, s_micro = micro.update(g, s_micro, p_micro)
-      p_micro = optax.apply_updates(p_micro, u)
-    g = jax.grad(mlp_loss)(p_big, jnp.concatenate(xs), jnp.concatenate(ys))
-    u, s_big = big.update(g, s_big, p_big)
-    p_big = optax.apply_updates(p_big, u)
+      p_micro, s_micro = micro_step(p_micro, s_micro, x, y)
+    p_big, s_big = big_step(p_big, s_big, jnp.concatenate(xs),
+                            jnp.concatenate(ys))
   chex.assert_trees_all_close(p_micro, p_big, rtol=1e-4, atol=1e-5)
   assert gaps(s_micro.inner_opt_state) == gaps(s_big) == [8, 8]
 
