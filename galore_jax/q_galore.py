@@ -20,11 +20,13 @@ and schedule:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from galore_jax import _pytrees
@@ -97,13 +99,37 @@ def _check_settings(proj_bits, proj_group_size, cos_threshold, gamma_proj,
     )
 
 
-def _grow(gap: jax.Array, gamma_proj) -> jax.Array:
+def _gap_sequence(update_proj_gap, gamma_proj) -> Optional[np.ndarray]:
+  """Every gap a layer can reach, by the official ``int(gap * gamma)``.
+
+  Gaps only change by growth, so for concrete arguments the sequence is
+  static; reading the next gap from it reproduces Python's float64 product
+  exactly (float32 would give e.g. 115 for ``int(100 * 1.15) == 114``).
+  None when an argument is traced (``inject_hyperparams``).
+  """
+  if _validation.is_tracer(update_proj_gap) or _validation.is_tracer(
+      gamma_proj):
+    return None
+  gap, gamma = int(update_proj_gap), float(gamma_proj)
+  seq = [min(gap, _MAX_GAP)]
+  while len(seq) < 100_000:
+    nxt = min(int(seq[-1] * gamma), _MAX_GAP)
+    if nxt <= seq[-1]:
+      break
+    seq.append(nxt)
+  return np.asarray(seq, np.int32)
+
+
+def _grow(gap: jax.Array, gamma_proj, sequence) -> jax.Array:
   """``int(gap * gamma_proj)`` as official, saturating at ``_MAX_GAP``."""
-  if not _validation.is_tracer(gamma_proj) and float(gamma_proj).is_integer():
-    k = int(gamma_proj)
-    return jnp.where(gap > _MAX_GAP // k, _MAX_GAP, gap * k).astype(jnp.int32)
-  new = jnp.floor(gap.astype(jnp.float32) * gamma_proj)
-  return jnp.minimum(new, _MAX_GAP).astype(jnp.int32)
+  new = jnp.minimum(jnp.floor(gap.astype(jnp.float32) * gamma_proj),
+                    _MAX_GAP).astype(jnp.int32)
+  if sequence is None:
+    return new  # traced hyperparameters: float32 product
+  table = jnp.asarray(sequence)
+  i = jnp.clip(jnp.searchsorted(table, gap), 0, len(sequence) - 1)
+  following = table[jnp.minimum(i + 1, len(sequence) - 1)]
+  return jnp.where(table[i] == gap, following, new)
 
 
 def scale_by_q_galore(
@@ -187,6 +213,7 @@ def scale_by_q_galore(
   _check_settings(proj_bits, proj_group_size, cos_threshold, gamma_proj,
                   queue_size, proj_type)
   bits, group = int(proj_bits), int(proj_group_size)
+  gaps = _gap_sequence(update_proj_gap, gamma_proj)
 
   def layer_shape(spec):
     shapes = spec.projector_shapes
@@ -244,19 +271,20 @@ def scale_by_q_galore(
         has_past, jnp.minimum(st.queue_count + 1, queue_size), st.queue_count)
     grow = has_past & (queue_count == queue_size) & (
         jnp.sum(queue) / queue_size >= cos_threshold)
-    codes, scales, zeros = quantization.quantize_groupwise(mat, bits, group)
+    q = quantization.quantize_array(mat, bits, group)
     return QuantizedProjector(
-        codes=quantization.pack(codes, bits), scales=scales, zeros=zeros,
-        vector=vector, gap=jnp.where(grow, _grow(st.gap, gamma_proj), st.gap),
+        codes=q.codes, scales=q.scales, zeros=q.zeros,
+        vector=vector, gap=jnp.where(grow, _grow(st.gap, gamma_proj, gaps), st.gap),
         queue=queue, queue_count=queue_count.astype(jnp.int32),
     )
 
   def dequantized(st, spec, dtype):
-    shape, size, groups = sizes(spec)
+    shape, _, _ = sizes(spec)
 
     def one(codes, scales, zeros):
-      q = quantization.unpack(codes, bits, groups * group)
-      return quantization.dequantize_groupwise(q, scales, zeros, shape, dtype)
+      return quantization.QuantizedArray(
+          codes, scales, zeros, shape=shape, dtype=jnp.dtype(dtype),
+          bits=bits, group_size=group).dequantize()
 
     for _ in spec.batch_shape:
       one = jax.vmap(one)
@@ -293,6 +321,21 @@ def scale_by_q_galore(
       galore.ProjectorRule(init_leaf, update_leaf, lambda dtype: dtype),
       rank=rank, scale=scale, proj_type=proj_type, base=base, mask=mask,
       dim_numbers=dim_numbers, state_type=QGaLoreState)
+
+
+def _in_float32(base: optax.GradientTransformation):
+  """``base`` with float32 state whatever the gradients' dtype; its updates
+  are cast back to each gradient's dtype."""
+  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+  def init_fn(params):
+    return base.init(f32(params))
+
+  def update_fn(updates, state, params=None):
+    out, state = base.update(f32(updates), state, None)
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def q_galore_adamw(
@@ -373,9 +416,9 @@ def q_galore_adamw(
     base = adam_8bit.scale_by_adam_8bit(
         b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size)
   elif hf_eps:
-    base = galore.scale_by_adam_hf(b1=b1, b2=b2, eps=eps)
+    base = _in_float32(galore.scale_by_adam_hf(b1=b1, b2=b2, eps=eps))
   else:
-    base = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+    base = _in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
   return optax.chain(
       scale_by_q_galore(
           rank, update_proj_gap, scale, base, proj_bits=proj_bits,
@@ -406,7 +449,10 @@ def quantize_params(
     group_size: elements per group (Q-GaLore: 256).
     mask: which leaves to quantize: a pytree of bools like ``params``, or a
       callable ``params -> pytree``. Default: every float leaf with ndim >= 2
-      (the matmul weights; biases and norms stay float).
+      (the matmul weights; biases and norms stay float). Leave out stacked
+      norm scales (``(L, d)`` leaves of scanned layers) and any leaf whose
+      groups hold values of one sign: the official zero point is clipped to
+      the code range, so such groups are not represented.
 
   Returns:
     ``params`` with the selected leaves quantized (round to nearest).
@@ -488,23 +534,19 @@ def apply_updates_stochastic(
   keys = iter(jax.random.split(key, max(n_quantized, 1)))
   out = []
   for p, u in zip(leaves, ups):
-    if quantization.is_quantized(p):
+    if u is None or isinstance(u, optax.MaskedNode):
+      out.append(p)
+    elif quantization.is_quantized(p):
       if tuple(u.shape) != p.shape:
         raise ValueError(
             f"update of shape {u.shape} for a quantized weight of shape"
             f" {p.shape}")
-      w = p.dequantize().astype(jnp.float32) + u.astype(jnp.float32)
-      out.append(quantization.QuantizedArray(
-          *_requantize(w, p, next(keys)), shape=p.shape, dtype=p.dtype,
-          bits=p.bits, group_size=p.group_size))
-    elif u is None or isinstance(u, optax.MaskedNode):
-      out.append(p)
+      # In float32: rounding to a bf16 `p.dtype` first would add an error
+      # that stochastic rounding turns into a drift of the codes.
+      w = p.dequantize(jnp.float32) + u.astype(jnp.float32)
+      q = quantization.quantize_array(w, p.bits, p.group_size,
+                                      key=next(keys))
+      out.append(dataclasses.replace(q, dtype=p.dtype))
     else:
       out.append(jnp.asarray(p + u).astype(jnp.asarray(p).dtype))
   return treedef.unflatten(out)
-
-
-def _requantize(w, like, key):
-  codes, scales, zeros = quantization.quantize_groupwise(
-      w, like.bits, like.group_size, key=key)
-  return quantization.pack(codes, like.bits), scales, zeros

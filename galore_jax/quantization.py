@@ -88,8 +88,9 @@ def check_key(key: Any, what: str) -> None:
         " per step); there is no default key, because a fixed one would"
         " round every step the same way"
     )
-  if not (jax.dtypes.issubdtype(getattr(key, "dtype", None),
-                                jax.dtypes.prng_key)
+  if not ((jax.dtypes.issubdtype(getattr(key, "dtype", None),
+                                 jax.dtypes.prng_key)
+           and getattr(key, "shape", None) == ())
           or (getattr(key, "dtype", None) == jnp.uint32
               and getattr(key, "shape", None) == (2,))):
     raise TypeError(
@@ -102,14 +103,15 @@ def check_key(key: Any, what: str) -> None:
 # Group-wise asymmetric quantization.
 
 
-def _true_divide(x: jax.Array, c: float) -> jax.Array:
-  """``x / c`` rounded as IEEE division (torch's result, bit for bit).
+def _true_divide(x: jax.Array, d: Any) -> jax.Array:
+  """``x / d`` rounded as IEEE division (torch's result, bit for bit).
 
-  XLA rewrites division by a constant into multiplication by its reciprocal,
-  which is off by one ulp for about half the inputs; dividing by an array
-  that is not a compile-time constant keeps the division.
+  XLA rewrites division by a constant or by a broadcast operand into
+  multiplication by a rounded reciprocal, which is one ulp off for about
+  half the inputs (and then a code off at near-ties); dividing by a full
+  array that is not a compile-time constant keeps the true division.
   """
-  return x / (jnp.float32(c) + jnp.zeros_like(x) * x)
+  return x / (d + jnp.zeros_like(x) * x)
 
 
 def _groups(x: jax.Array, group_size: int) -> jax.Array:
@@ -158,9 +160,9 @@ def quantize_groupwise(
   w = _groups(x.astype(jnp.float32), group_size)
   lo = jnp.min(w, axis=1, keepdims=True)
   hi = jnp.max(w, axis=1, keepdims=True)
-  scales = _true_divide(jnp.maximum(hi - lo, 1e-5), max_int)
-  zeros = jnp.clip(-jnp.round(lo / scales), 0, max_int)
-  y = w / scales
+  scales = _true_divide(jnp.maximum(hi - lo, 1e-5), jnp.float32(max_int))
+  zeros = jnp.clip(-jnp.round(_true_divide(lo, scales)), 0, max_int)
+  y = _true_divide(w, scales)
   y = jnp.round(y) if key is None else stochastic_round(y, key)
   codes = jnp.clip(y + zeros, 0, max_int)
   return (codes.astype(jnp.uint8), scales[:, 0],
@@ -282,12 +284,17 @@ class QuantizedArray:
     return sum(a.size * a.dtype.itemsize
                for a in (self.codes, self.scales, self.zeros))
 
-  def dequantize(self) -> jax.Array:
-    """The float array, ``scale * (code - zero)``, in :attr:`dtype`."""
+  def dequantize(self, dtype: Any = None) -> jax.Array:
+    """The float array, ``scale * (code - zero)``, in ``dtype``.
+
+    Args:
+      dtype: result dtype; default :attr:`dtype`. Pass ``jnp.float32`` to
+        skip the rounding to a low-precision :attr:`dtype`.
+    """
     size = num_groups(self.size, self.group_size) * self.group_size
     codes = unpack(self.codes, self.bits, size)
     return dequantize_groupwise(codes, self.scales, self.zeros, self.shape,
-                                self.dtype)
+                                self.dtype if dtype is None else dtype)
 
 
 def quantize_array(
@@ -306,8 +313,12 @@ def quantize_array(
     key: optional PRNG key: stochastic rounding instead of nearest.
 
   Returns:
-    A :class:`QuantizedArray` that dequantizes to ``x`` within half a code
-    step per element (one step with stochastic rounding).
+    A :class:`QuantizedArray`. Where a group's values straddle zero (as in
+    any group of 256 weights of a trained matrix), it dequantizes to ``x``
+    within half a code step per element (one step with stochastic
+    rounding). The official zero point is clipped to the code range, so a
+    group of same-sign values (e.g. norm scales near 1) is not represented:
+    keep such leaves in float.
 
   Examples:
     >>> import jax.numpy as jnp

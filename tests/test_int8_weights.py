@@ -180,6 +180,10 @@ def test_bad_inputs():
                                         jax.random.key(0))
   with pytest.raises(ValueError, match="`bits` must be an int in 2..8"):
     galore_jax.quantize_params({"w": jnp.ones((4, 4))}, bits=16)
+  # No update for a leaf (optax.MaskedNode): left as it is.
+  same = galore_jax.apply_updates_stochastic(
+      params, {"w": optax.MaskedNode()}, jax.random.key(0))
+  assert same["w"] is params["w"]
 
 
 def test_int8_weights_round_trip_through_orbax(tmp_path):
@@ -194,3 +198,19 @@ def test_int8_weights_round_trip_through_orbax(tmp_path):
   kernel = restored["l0"]["kernel"]
   assert isinstance(kernel, galore_jax.QuantizedArray)
   assert (kernel.shape, kernel.bits, kernel.group_size) == ((32, 64), 8, 256)
+
+
+def test_bf16_weights_do_not_drift_under_zero_updates():
+  """The update is added to the float32 dequantization: rounding it to bf16
+  first would give every step a fresh error for SR to turn into drift."""
+  w = (0.02 * jax.random.normal(jax.random.key(0), (256, 256))).astype(
+      jnp.bfloat16)
+  params = galore_jax.quantize_params({"w": w})
+  start = params["w"]
+  apply = jax.jit(galore_jax.apply_updates_stochastic)
+  zero = {"w": jnp.zeros((256, 256), jnp.bfloat16)}
+  for t in range(20):
+    params = apply(params, zero, jax.random.key(t))
+  changed = np.mean(np.asarray(params["w"].codes) != np.asarray(start.codes))
+  assert changed < 1e-3
+  assert params["w"].dequantize().dtype == jnp.bfloat16

@@ -166,6 +166,17 @@ def test_fifo_queue_and_growth_factor():
                              atol=1e-6)
 
 
+def test_non_integer_growth_is_python_s_int_of_the_product():
+  """int(100 * 1.15) == 114 in float64; a float32 product would give 115."""
+  params = {"w": jnp.zeros((48, 32))}
+  tx = galore_jax.scale_by_q_galore(rank=4, update_proj_gap=100, queue_size=1,
+                                    cos_threshold=-1.0, gamma_proj=1.15,
+                                    proj_group_size=32)
+  refreshed, gaps, _ = run_schedule(tx, params, random_grads, 116)
+  assert int(100 * 1.15) == 114 and int(114 * 1.15) == 131
+  assert refreshed == [0, 100, 114] and gaps[-1] == 131
+
+
 def test_stacked_layers_keep_their_own_gaps():
   """A stacked leaf equals its layers as separate leaves, gap for gap."""
   layers = {"a": jnp.zeros((48, 32)), "b": jnp.zeros((48, 32))}
@@ -257,10 +268,11 @@ def test_low_precision_params_stay_low_precision(dtype, state_bits):
   for u in jax.tree.leaves(updates):
     assert u.dtype == dtype
   assert state[0].projector["dense"]["kernel"].scales.dtype == jnp.float32
-  # optax's Adam keeps moments in the gradient's dtype; 8-bit Adam keeps
-  # float32 moments for leaves below min_8bit_size, as bitsandbytes.
-  mu = state[0].base_state.mu["dense"]["kernel"]
-  assert mu.dtype == (dtype if state_bits == 32 else jnp.float32)
+  # state_bits=32: float32 moments; 8-bit Adam keeps float32 moments for
+  # leaves below min_8bit_size, as bitsandbytes.
+  for moments in (state[0].base_state.mu, state[0].base_state.nu):
+    assert moments["dense"]["kernel"].dtype == jnp.float32
+    assert moments["norm"]["scale"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize("proj_type,shape", [

@@ -153,7 +153,10 @@ def test_quantized_array_is_a_pytree_of_three_arrays():
   assert leaves[0].shape == (48 * 40 // 2,)  # int4: two codes per byte
   assert qa.nbytes == 960 + 30 * 4 + 30
   again = jax.tree.unflatten(treedef, leaves)
-  assert again == dataclasses.replace(qa) or isinstance(again, q.QuantizedArray)
+  assert isinstance(again, q.QuantizedArray)
+  assert (again.shape, again.dtype, again.bits, again.group_size) == (
+      (48, 40), jnp.bfloat16, 4, 64)
+  assert jax.tree.structure(dataclasses.replace(qa, bits=8)) != treedef
   out = jax.jit(lambda a: a.dequantize())(qa)
   assert out.dtype == jnp.bfloat16 and out.shape == (48, 40)
   assert q.dequantize(w) is w
@@ -190,6 +193,8 @@ def test_bad_bits_and_keys():
     q.stochastic_round(jnp.ones(3), None)
   with pytest.raises(TypeError, match="single PRNG key"):
     q.stochastic_round(jnp.ones(3), 0)
+  with pytest.raises(TypeError, match="single PRNG key"):
+    q.stochastic_round(jnp.ones(3), jax.random.split(jax.random.key(0)))
   with pytest.raises(TypeError, match="needs a float array"):
     q.quantize_array(jnp.ones(3, jnp.int32))
 
@@ -205,3 +210,41 @@ def test_blockwise_keep_nonzero(signed):
   if signed:
     assert m[kept[0, 2]] == m[m < 0].max()
   assert m[kept[0, 3]] == 0.0 and kept[0, 0] == plain[0, 0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_groupwise_under_jit_is_the_official_formula_bit_for_bit(bits):
+  """XLA turns divisions by a broadcast or constant into multiplications by a
+  rounded reciprocal; near-ties would then round to the other code."""
+  w = np.random.default_rng(bits).standard_normal(1 << 16).astype(np.float32)
+  codes, scales, zeros = jax.jit(
+      lambda x: q.quantize_groupwise(x, bits, 256))(jnp.asarray(w))
+  r_codes, r_scales, r_zeros, _ = ref.quantize(w, bits, 256)
+  np.testing.assert_array_equal(scales, r_scales[:, 0])
+  np.testing.assert_array_equal(zeros, r_zeros[:, 0])
+  np.testing.assert_array_equal(codes.reshape(-1), r_codes.reshape(-1))
+
+
+def near_tie_group(group_size=16):
+  """A group with entries whose w / s lies next to a .5 tie, where
+  ``w * (1 / s)`` (XLA's rewrite of a division) rounds the other way."""
+  lo, hi = np.float32(-1.3), np.float32(1.7)
+  s = (np.maximum(hi - lo, np.float32(1e-5)) / np.float32(255)).astype(
+      np.float32)
+  recip = np.float32(1) / s
+  found = []
+  for k in range(-120, 120):
+    x = np.float32((k + 0.5) * s)
+    for _ in range(8):
+      if np.round(x / s) != np.round(x * recip) and lo < x < hi:
+        found.append(x)
+      x = np.nextafter(x, np.float32(np.inf))
+  assert len(found) >= group_size - 2
+  return np.asarray([lo, hi] + found[:group_size - 2], np.float32)
+
+
+def test_groupwise_near_ties_under_jit():
+  w = near_tie_group()
+  codes = jax.jit(lambda x: q.quantize_groupwise(x, 8, 16)[0])(jnp.asarray(w))
+  np.testing.assert_array_equal(codes.reshape(-1),
+                                ref.quantize(w, 8, 16)[0].reshape(-1))
