@@ -213,7 +213,8 @@ def as_projectors(entry: Any, spec: LeafSpec) -> Projectors:
     entry = Projectors(
         row=arrays[0] if spec.use_row and arrays else optax.MaskedNode(),
         col=arrays[-1] if spec.use_col and arrays else optax.MaskedNode())
-  proj = _pytrees.as_record(Projectors, entry, missing=optax.MaskedNode())
+  proj = _pytrees.as_record(Projectors, entry,
+                            missing=optax.MaskedNode())
   got = [getattr(proj, side, None) for side in ("row", "col")]
   got = [None if isinstance(a, optax.MaskedNode) or a is None
          or not hasattr(a, "shape") else tuple(a.shape) for a in got]

@@ -219,14 +219,8 @@ def scale_by_q_galore(
     shapes = spec.projector_shapes
     return (shapes.row if spec.use_row else shapes.col)[len(spec.batch_shape):]
 
-  def sizes(spec):
-    shape = layer_shape(spec)
-    size = math.prod(shape)
-    groups = quantization.num_groups(size, group)
-    return shape, size, groups
-
   def init_leaf(x, spec):
-    shape, size, groups = sizes(spec)
+    groups = quantization.num_groups(math.prod(layer_shape(spec)), group)
     b = spec.batch_shape
     length = spec.rows if spec.use_row else spec.cols
     return QuantizedProjector(
@@ -271,15 +265,15 @@ def scale_by_q_galore(
         has_past, jnp.minimum(st.queue_count + 1, queue_size), st.queue_count)
     grow = has_past & (queue_count == queue_size) & (
         jnp.sum(queue) / queue_size >= cos_threshold)
+    gap = jnp.where(grow, _grow(st.gap, gamma_proj, gaps), st.gap)
     q = quantization.quantize_array(mat, bits, group)
     return QuantizedProjector(
-        codes=q.codes, scales=q.scales, zeros=q.zeros,
-        vector=vector, gap=jnp.where(grow, _grow(st.gap, gamma_proj, gaps), st.gap),
-        queue=queue, queue_count=queue_count.astype(jnp.int32),
+        codes=q.codes, scales=q.scales, zeros=q.zeros, vector=vector,
+        gap=gap, queue=queue, queue_count=queue_count.astype(jnp.int32),
     )
 
   def dequantized(st, spec, dtype):
-    shape, _, _ = sizes(spec)
+    shape = layer_shape(spec)
 
     def one(codes, scales, zeros):
       return quantization.QuantizedArray(
