@@ -13,7 +13,7 @@ PROJ_TYPES = ["std", "reverse_std", "left", "right", "full"]
 SHAPES = [(24, 16), (16, 24), (16, 16)]  # Flax (in, out): out<in, out>in, square
 
 
-def drifting_low_rank_grads(rng, shape, steps, scale=1e-2):
+def drifting_low_rank_grads(rng, shape, steps, scale=1e-2, drift=0.05):
   """Gradients with a geometric spectrum whose singular vectors drift."""
   m, n = shape
   k = min(m, n)
@@ -22,8 +22,8 @@ def drifting_low_rank_grads(rng, shape, steps, scale=1e-2):
   v0 = np.linalg.qr(rng.standard_normal((n, n)))[0]
   out = []
   for t in range(steps):
-    u = np.linalg.qr(u0 + 0.05 * t * rng.standard_normal((m, m)))[0][:, :k]
-    v = np.linalg.qr(v0 + 0.05 * t * rng.standard_normal((n, n)))[0][:, :k]
+    u = np.linalg.qr(u0 + drift * t * rng.standard_normal((m, m)))[0][:, :k]
+    v = np.linalg.qr(v0 + drift * t * rng.standard_normal((n, n)))[0][:, :k]
     out.append((u * s) @ v.T)
   return out
 

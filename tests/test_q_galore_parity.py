@@ -8,25 +8,16 @@ import pytest
 
 import galore_jax
 from tests import reference_q_galore as ref
+from tests.test_parity import drifting_low_rank_grads
 
 SHAPES = {"tall": (64, 48), "wide": (48, 64)}  # Flax (in, out)
 Q = dict(rank=8, update_proj_gap=2, scale=0.25, proj_group_size=128,
          cos_threshold=0.4, gamma_proj=2, queue_size=2)
 
 
-def stable_grads(rng, shape, steps, drift=0.004, scale=1e-2):
+def stable_grads(rng, shape, steps):
   """Low-rank-dominated gradients whose singular vectors drift slowly."""
-  m, n = shape
-  k = min(m, n)
-  s = scale * 0.6 ** np.arange(k)
-  u0 = np.linalg.qr(rng.standard_normal((m, m)))[0]
-  v0 = np.linalg.qr(rng.standard_normal((n, n)))[0]
-  out = []
-  for t in range(steps):
-    u = np.linalg.qr(u0 + drift * t * rng.standard_normal((m, m)))[0][:, :k]
-    v = np.linalg.qr(v0 + drift * t * rng.standard_normal((n, n)))[0][:, :k]
-    out.append((u * s) @ v.T)
-  return out
+  return drifting_low_rank_grads(rng, shape, steps, drift=0.004)
 
 
 def run_both(proj_bits, steps=60, lr=1e-2, wd=0.1, eps=1e-6, **overrides):
