@@ -1,0 +1,648 @@
+r"""Memory planner: which training method fits the device, before training.
+
+For each method, the bytes of weights, gradients, optimizer state and
+projectors, computed from the real transforms with ``jax.eval_shape`` (no
+allocation, seconds for a 7B model on a CPU), beside the lecture's closed
+form (``N`` params, ``M`` trainable / low-rank moment elements, ``b`` bytes
+per float of ``dtype``, ``|P|`` projector elements):
+
+=============  ========================================  =====================
+method         what it trains and stores                 closed form (bytes)
+=============  ========================================  =====================
+adamw          all params, float moments                 ``4bN`` (16N in fp32)
+adamw_8bit     all params, 8-bit moments                 ``2bN + 2N``
+lora           adapters on the targets, frozen base      ``bN + 4bM``
+qlora          adapters, NF4 base of the targets         ``N/2 + 4bM``
+galore         all params, low-rank moments              ``2bN + 2bM + b|P|``
+galore_8bit    all params, 8-bit low-rank moments        ``2bN + 2M + b|P|``
+q_galore       INT8 targets, 8-bit moments, INT4 proj.   ``N + 2M + |P|/2``
+=============  ========================================  =====================
+
+The closed forms are the seeds' (``16N``, ``4N + 16M``, ``N/2 + 16M``,
+``N + 2M + |proj|`` in fp32), extended to the other methods with the same
+conventions. The measured figures count what the closed forms leave out:
+gradients of every trained param (a jitted JAX step materializes them all),
+absmax/scales/zero points, float leaves outside the targets, and float32
+moments of small leaves in 8-bit Adam.
+
+:func:`plan_llama` with ``batch`` and ``seq`` also compiles the whole jitted
+train step of a LLaMA config for abstract inputs, with donated params and
+state, and reports XLA's memory analysis (argument + output - aliased +
+temp bytes), so activations and temporaries count too.
+
+Command line (markdown table; ``--budget`` marks what fits)::
+
+  python -m galore_jax.memory --model llama-7b --rank 1024 --dtype bf16 \
+      --budget 24GB [--compile --batch 1 --seq 256 --remat]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_jax import _validation
+from galore_jax import adam_8bit
+from galore_jax import galore
+from galore_jax import q_galore
+from galore_jax import quantization
+
+__all__ = [
+    "CONFIGS", "LLAMA_TARGETS", "METHODS", "LlamaConfig", "MemoryPlan",
+    "compiled_bytes", "llama_params", "main", "plan", "plan_llama",
+]
+
+METHODS = ("adamw", "adamw_8bit", "lora", "qlora", "galore", "galore_8bit",
+           "q_galore")
+_LR = 1e-3  # any: the learning rate does not change a byte
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """A LLaMA shape: hidden size, MLP size, heads, layers, vocabulary."""
+  hidden: int
+  intermediate: int
+  heads: int
+  layers: int
+  vocab: int = 32000
+  rank: int = 128  # the GaLore paper's rank for this size
+
+  @property
+  def num_params(self) -> int:
+    d, i = self.hidden, self.intermediate
+    per_layer = 4 * d * d + 3 * d * i + 2 * d
+    return 2 * self.vocab * d + d + self.layers * per_layer
+
+
+# REFERENCE.md §1: the GaLore paper's configs and recipe ranks.
+CONFIGS = {
+    "llama-60m": LlamaConfig(512, 1376, 8, 8, rank=128),
+    "llama-130m": LlamaConfig(768, 2048, 12, 12, rank=256),
+    "llama-350m": LlamaConfig(1024, 2736, 16, 24, rank=256),
+    "llama-1b": LlamaConfig(2048, 5461, 32, 24, rank=512),
+    "llama-7b": LlamaConfig(4096, 11008, 32, 32, rank=1024),
+}
+# Attention and MLP kernels: what the paper projects (and LoRA adapts).
+LLAMA_TARGETS = r"^layers/(q|k|v|o|gate|up|down)$"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  """Bytes one method needs, without activations unless ``compiled`` is set.
+
+  Attributes:
+    method: the method's name (see :data:`METHODS`).
+    weights: model weights as stored (frozen, quantized and adapters too).
+    gradients: gradient buffers of the trained params.
+    optimizer_state: optimizer state other than the projectors.
+    projectors: GaLore / Q-GaLore projectors and their refresh schedule.
+    closed_form: the lecture's formula (see the module docstring).
+    compiled: XLA's figure for the whole jitted train step (argument +
+      output - aliased + temp), or None if not compiled.
+  """
+  method: str
+  weights: int
+  gradients: int
+  optimizer_state: int
+  projectors: int
+  closed_form: float
+  compiled: Optional[int] = None
+
+  @property
+  def total(self) -> int:
+    """``weights + gradients + optimizer_state + projectors``."""
+    return self.weights + self.gradients + self.optimizer_state + self.projectors
+
+
+# ---------------------------------------------------------------------------
+# Byte accounting.
+
+
+def nbytes(tree: Any) -> int:
+  """Stored bytes of every array leaf (``optax.MaskedNode()`` has none)."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _key_str(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_str(path: tuple) -> str:
+  """``"layers/0/kernel"`` for a key path (a trailing ``.value`` dropped)."""
+  names = [_key_str(k) for k in path]
+  if names and names[-1] == "value" and isinstance(path[-1],
+                                                   jax.tree_util.GetAttrKey):
+    names = names[:-1]
+  return "/".join(names)
+
+
+def _flat_params(params: Any, dtype: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  """Floating leaves as ``{path: ShapeDtypeStruct}`` (an NNX model works)."""
+  flat = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if hasattr(x, "shape") and jnp.issubdtype(x.dtype, jnp.floating):
+      flat[path_str(path)] = jax.ShapeDtypeStruct(
+          tuple(x.shape), x.dtype if dtype is None else jnp.dtype(dtype))
+  if not flat:
+    raise ValueError("plan: `params` has no floating-point leaves")
+  return flat
+
+
+def _target_mask(flat: Mapping[str, Any], targets: Any, rank: int):
+  """``{path: bool}``: the matrices GaLore projects and LoRA adapts."""
+  if targets is None:  # GaLore's default: matrices both sides above the rank
+    return {k: x.ndim >= 2 and min(x.shape[-2:]) > rank
+            for k, x in flat.items()}
+  if callable(targets) and not isinstance(targets, (str, re.Pattern)):
+    return {k: bool(targets(k, x)) and x.ndim >= 2 for k, x in flat.items()}
+  if not isinstance(targets, (str, re.Pattern)):
+    raise TypeError("`targets` must be None, a regex over '/'-joined param"
+                    f" paths, or a callable (path, leaf) -> bool; got"
+                    f" {targets!r}")
+  pattern = re.compile(targets)
+  mask = {k: x.ndim >= 2 and bool(pattern.search(k)) for k, x in flat.items()}
+  if not any(mask.values()):
+    raise ValueError(
+        f"`targets` {pattern.pattern!r} matches no param with ndim >= 2; the"
+        f" paths are: {', '.join(flat)}")
+  return mask
+
+
+def _check_methods(methods: Any) -> tuple[str, ...]:
+  if isinstance(methods, str):
+    methods = (methods,)
+  methods = tuple(methods)
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise ValueError(f"unknown method(s) {unknown or methods!r}; known:"
+                     f" {', '.join(METHODS)}")
+  return methods
+
+
+def _optimizer(method: str, rank: int, mask: Any, gap: int):
+  if method == "adamw":
+    return optax.adamw(_LR)
+  if method == "adamw_8bit":
+    return adam_8bit.adamw_8bit(_LR)
+  if method == "galore":
+    return galore.galore_adamw(_LR, rank=rank, update_proj_gap=gap,
+                               projection_mask=mask)
+  if method == "galore_8bit":
+    return galore.galore_adamw_8bit(_LR, rank=rank, update_proj_gap=gap,
+                                    projection_mask=mask)
+  if method == "q_galore":
+    return q_galore.q_galore_adamw(_LR, rank=rank, update_proj_gap=gap,
+                                   projection_mask=mask)
+  return optax.adamw(_LR)  # lora / qlora: AdamW on the adapters
+
+
+def _adapters(flat, mask, rank, trainable_re):
+  """LoRA adapters ``{path/lora_a: (..., in, r), path/lora_b: (..., r, out)}``
+  of the targets, plus the params left trainable in full."""
+  out = {}
+  for k, x in flat.items():
+    if trainable_re is not None and trainable_re.search(k):
+      out[k] = x
+    elif mask[k]:
+      *batch, d_in, d_out = x.shape
+      if rank > min(d_in, d_out):
+        raise ValueError(f"`rank` {rank} is larger than target {k!r} allows:"
+                         f" min(in, out) = {min(d_in, d_out)} for shape"
+                         f" {x.shape}")
+      out[k + "/lora_a"] = jax.ShapeDtypeStruct((*batch, d_in, rank), x.dtype)
+      out[k + "/lora_b"] = jax.ShapeDtypeStruct((*batch, rank, d_out), x.dtype)
+  return out
+
+
+def _galore_shapes(flat, mask, rank):
+  """Elements of one low-rank moment (M) and of the projectors (|P|)."""
+  m = p = 0
+  for k, x in flat.items():
+    if mask[k]:
+      batch = math.prod(x.shape[:-2])
+      rows, cols = x.shape[-2:]
+      r = min(rank, rows, cols)
+      m += batch * r * max(rows, cols)
+      p += batch * r * min(rows, cols)
+    else:
+      m += math.prod(x.shape)
+  return m, p
+
+
+def _frozen_weights(flat, mask, quantize_base, block_size):
+  def quantized(x):
+    return jax.eval_shape(lambda w: quantization.quantize_absmax(
+        w, quantize_base, block_size, batch_dims=x.ndim - 2), x)
+  return {k: quantized(x) if mask[k] else x for k, x in flat.items()}
+
+
+def plan(
+    params: Any,
+    methods: Sequence[str] = METHODS,
+    *,
+    rank: int,
+    dtype: Any = None,
+    targets: Any = None,
+    trainable: Optional[str] = None,
+    update_proj_gap: int = 200,
+    quantize_base: str = "nf4",
+    block_size: int = 64,
+) -> dict[str, MemoryPlan]:
+  """Bytes of weights, gradients, optimizer state and projectors per method.
+
+  Every figure comes from ``jax.eval_shape`` of the real transforms
+  (``optax.adamw``, :func:`galore_jax.adamw_8bit`,
+  :func:`galore_jax.galore_adamw`, :func:`galore_jax.galore_adamw_8bit`,
+  :func:`galore_jax.q_galore_adamw`, :func:`galore_jax.quantize_params`,
+  :func:`galore_jax.quantization.quantize_absmax`) on abstract params:
+  nothing is allocated.
+
+  Args:
+    params: a params pytree, abstract (``jax.ShapeDtypeStruct``) or not, or
+      a Flax NNX model; its floating-point leaves are the params.
+    methods: names from :data:`METHODS`.
+    rank: GaLore / LoRA rank.
+    dtype: float dtype of the params (and of LoRA adapters and float
+      moments); default: each leaf's own.
+    targets: the matrices GaLore projects, LoRA adapts, QLoRA stores in NF4
+      and Q-GaLore in INT8: a regex searched in "/"-joined param paths
+      (``"layers/0/kernel"``; only leaves with ndim >= 2), a callable
+      ``(path, leaf) -> bool``, or None: every leaf with ndim >= 2 whose two
+      trailing dims exceed ``rank`` (GaLore's default).
+    trainable: regex of params LoRA / QLoRA leave trainable in full (e.g.
+      ``"embed|lm_head"``); everything else not adapted is frozen.
+    update_proj_gap: GaLore's refresh gap (no effect on bytes).
+    quantize_base: QLoRA's base code, ``"nf4"`` or ``"int8"``.
+    block_size: QLoRA's absmax block size.
+
+  Returns:
+    ``{method: MemoryPlan}`` in the order of ``methods``.
+
+  Raises:
+    ValueError: an unknown method, a LoRA rank above a target's
+      ``min(in, out)``, a ``targets`` regex that matches nothing.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import memory
+    >>> params = {"w1": jax.ShapeDtypeStruct((784, 512), jnp.float32),
+    ...           "b1": jax.ShapeDtypeStruct((512,), jnp.float32),
+    ...           "w2": jax.ShapeDtypeStruct((512, 512), jnp.float32)}
+    >>> p = memory.plan(params, ["adamw", "galore", "lora"], rank=64)
+    >>> p["adamw"].total == 16 * (784 * 512 + 512 + 512 * 512) + 4  # + count
+    True
+    >>> p["galore"].projectors  # float32 (64, 512) per kernel
+    262144
+    >>> p["lora"].gradients == 4 * 64 * (784 + 512 + 512 + 512)  # A and B
+    True
+  """
+  methods = _check_methods(methods)
+  rank = _validation.positive_int("rank", rank)
+  if quantize_base not in ("nf4", "int8"):
+    raise ValueError(f"`quantize_base` must be 'nf4' or 'int8', got"
+                     f" {quantize_base!r}")
+  flat = _flat_params(params, dtype)
+  mask = _target_mask(flat, targets, rank)
+  trainable_re = None if trainable is None else re.compile(trainable)
+  n = sum(math.prod(x.shape) for x in flat.values())
+  b = sum(nbytes(x) for x in flat.values()) / n  # bytes per float
+  weights = nbytes(flat)
+  out = {}
+  for method in methods:
+    if method in ("lora", "qlora"):
+      train = _adapters(flat, mask, rank, trainable_re)
+      frozen = {k: x for k, x in flat.items() if k not in train}
+      if method == "qlora":
+        frozen = _frozen_weights(frozen, mask, quantize_base, block_size)
+      state = jax.eval_shape(optax.adamw(_LR).init, train)
+      m = sum(math.prod(x.shape) for x in train.values())
+      base = n / 2 if method == "qlora" else b * n
+      out[method] = MemoryPlan(
+          method, weights=nbytes(frozen) + nbytes(train),
+          gradients=nbytes(train), optimizer_state=nbytes(state),
+          projectors=0, closed_form=base + 4 * b * m)
+      continue
+    state = jax.eval_shape(
+        _optimizer(method, rank, mask, update_proj_gap).init, flat)
+    proj = nbytes(state[0].projector) if "galore" in method else 0
+    w = weights
+    if method == "q_galore":
+      w = nbytes(jax.eval_shape(
+          lambda p: q_galore.quantize_params(p, mask=mask), flat))
+    m, p = _galore_shapes(flat, mask, rank)
+    closed = {"adamw": 4 * b * n, "adamw_8bit": 2 * b * n + 2 * n,
+              "galore": 2 * b * n + 2 * b * m + b * p,
+              "galore_8bit": 2 * b * n + 2 * m + b * p,
+              "q_galore": n + 2 * m + p / 2}[method]
+    out[method] = MemoryPlan(
+        method, weights=w, gradients=weights,
+        optimizer_state=nbytes(state) - proj, projectors=proj,
+        closed_form=closed)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Compiled train steps: XLA's memory analysis.
+
+
+def compiled_bytes(fn: Callable, *args, donate_argnums=()) -> int:
+  """Peak-memory bound XLA reports for ``jax.jit(fn)(*args)``.
+
+  ``argument + output - alias + temp`` bytes of the compiled executable's
+  memory analysis; ``args`` may be ``jax.ShapeDtypeStruct`` trees: nothing
+  is allocated. Donated arguments alias their outputs.
+  """
+  compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def llama_params(config: LlamaConfig, dtype: Any = jnp.float32) -> dict:
+  """Abstract LLaMA params; layers stacked: kernels ``(layers, in, out)``."""
+  d, i, n_layers = config.hidden, config.intermediate, config.layers
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+  layers = {name: sds(n_layers, d, d) for name in ("q", "k", "v", "o")}
+  layers.update(gate=sds(n_layers, d, i), up=sds(n_layers, d, i),
+                down=sds(n_layers, i, d), attn_norm=sds(n_layers, d),
+                mlp_norm=sds(n_layers, d))
+  return {"embed": sds(config.vocab, d), "layers": layers,
+          "final_norm": sds(d), "lm_head": sds(d, config.vocab)}
+
+
+def _rms_norm(x, w, eps=1e-6):
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
+  return (x32 * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def _rope(x_BxSxHxD, theta=10000.0):
+  s, h = x_BxSxHxD.shape[1], x_BxSxHxD.shape[-1] // 2
+  freq = theta ** (-jnp.arange(h, dtype=jnp.float32) / h)
+  angle = jnp.arange(s, dtype=jnp.float32)[:, None] * freq  # (S, D/2)
+  cos, sin = jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]
+  x1, x2 = jnp.split(x_BxSxHxD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+  return out.astype(x_BxSxHxD.dtype)
+
+
+def _linear(x, w, scale):
+  """``x W``, or ``x W + scale x A B`` for a LoRA ``{"w", "a", "b"}``."""
+  if isinstance(w, dict):
+    y = x @ _dense(w["w"], x.dtype)
+    return y + scale * ((x @ w["a"].astype(x.dtype)) @ w["b"].astype(x.dtype))
+  return x @ _dense(w, x.dtype)
+
+
+def _dense(w, dtype):
+  if isinstance(w, (quantization.AbsmaxQuantizedArray,
+                    quantization.QuantizedArray)):
+    return w.dequantize(dtype)
+  return w.astype(dtype)
+
+
+def _llama_loss(params, tokens_BxT, config, remat, lora_scale=1.0):
+  """Next-token cross-entropy of a LLaMA (RMSNorm, RoPE, SwiGLU, causal)."""
+  inputs, labels = tokens_BxT[:, :-1], tokens_BxT[:, 1:]
+  dtype = params["final_norm"].dtype
+  x_BxSxD = params["embed"][inputs].astype(dtype)
+  b, s, d = x_BxSxD.shape
+  heads = config.heads
+  lin = lambda x, w: _linear(x, w, lora_scale)
+
+  def block(x, layer):
+    h = _rms_norm(x, layer["attn_norm"])
+    q, k, v = (lin(h, layer[n]).reshape(b, s, heads, d // heads)
+               for n in ("q", "k", "v"))
+    att = jax.nn.dot_product_attention(_rope(q), _rope(k), v, is_causal=True)
+    x = x + lin(att.reshape(b, s, d), layer["o"])
+    h = _rms_norm(x, layer["mlp_norm"])
+    return x + lin(jax.nn.silu(lin(h, layer["gate"])) * lin(h, layer["up"]),
+                   layer["down"])
+
+  body = jax.checkpoint(block) if remat else block
+  x_BxSxD, _ = jax.lax.scan(lambda x, l: (body(x, l), None), x_BxSxD,
+                            params["layers"])
+  logits = _rms_norm(x_BxSxD, params["final_norm"]) @ params["lm_head"]
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()
+
+
+def _compiled_step(method, config, params, mask, rank, tokens, remat,
+                   quantize_base, block_size, gap):
+  """XLA bytes of one jitted train step of ``method`` on ``params``."""
+  loss = lambda p, t: _llama_loss(p, t, config, remat)
+  if method in ("lora", "qlora"):
+    train, frozen = {}, {}
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, x in flat:
+      key = path_str(path)
+      if mask[key]:
+        sds = lambda *shape: jax.ShapeDtypeStruct(x.shape[:-2] + shape, x.dtype)
+        train[key] = {"a": sds(x.shape[-2], rank), "b": sds(rank, x.shape[-1])}
+        frozen[key] = (x if method == "lora" else
+                       _frozen_weights({key: x}, {key: True}, quantize_base,
+                                       block_size)[key])
+      else:
+        frozen[key] = x
+    treedef = jax.tree.structure(params)
+    keys = [path_str(p) for p, _ in flat]
+    tx = optax.adamw(_LR)
+
+    def step(train, frozen, state, tokens):
+      def lora_loss(train):
+        leaves = [dict(w=frozen[k], **train[k]) if k in train else frozen[k]
+                  for k in keys]
+        return _llama_loss(jax.tree.unflatten(treedef, leaves), tokens, config,
+                           remat)
+      value, grads = jax.value_and_grad(lora_loss)(train)
+      updates, state = tx.update(grads, state, train)
+      return optax.apply_updates(train, updates), state, value
+
+    state = jax.eval_shape(tx.init, train)
+    return compiled_bytes(step, train, frozen, state, tokens,
+                          donate_argnums=(0, 2))
+
+  tree_mask = jax.tree_util.tree_map_with_path(
+      lambda p, _: mask[path_str(p)], params)
+  tx = _optimizer(method, rank, tree_mask, gap)
+  state = jax.eval_shape(tx.init, params)
+  if method == "q_galore":
+    qparams = jax.eval_shape(
+        lambda p: q_galore.quantize_params(p, mask=tree_mask), params)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+
+    def q_step(qparams, state, tokens, key):
+      params = q_galore.dequantize_params(qparams)
+      value, grads = jax.value_and_grad(loss)(params, tokens)
+      updates, state = tx.update(grads, state, params)
+      return (q_galore.apply_updates_stochastic(qparams, updates, key), state,
+              value)
+
+    return compiled_bytes(q_step, qparams, state, tokens, key,
+                          donate_argnums=(0, 1))
+
+  def step(params, state, tokens):
+    value, grads = jax.value_and_grad(loss)(params, tokens)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  return compiled_bytes(step, params, state, tokens, donate_argnums=(0, 1))
+
+
+def plan_llama(
+    config: LlamaConfig | str,
+    methods: Sequence[str] = METHODS,
+    *,
+    rank: Optional[int] = None,
+    dtype: Any = jnp.float32,
+    batch: Optional[int] = None,
+    seq: Optional[int] = None,
+    remat: bool = False,
+    update_proj_gap: int = 200,
+    quantize_base: str = "nf4",
+    block_size: int = 64,
+) -> dict[str, MemoryPlan]:
+  """:func:`plan` for a LLaMA config, targets = attention and MLP kernels.
+
+  Args:
+    config: a :class:`LlamaConfig` or a name in :data:`CONFIGS`.
+    methods: names from :data:`METHODS`.
+    rank: GaLore / LoRA rank; default the paper's rank for the config.
+    dtype: params dtype (``jnp.bfloat16`` as the paper trains).
+    batch, seq: if both are given, each method's whole jitted train step
+      (forward, backward, optimizer update, donated params and state) is
+      compiled for abstract ``(batch, seq + 1)`` tokens and XLA's memory
+      figure is stored in :attr:`MemoryPlan.compiled`.
+    remat: recompute each layer's activations in the backward pass.
+    update_proj_gap, quantize_base, block_size: as in :func:`plan`.
+
+  Returns:
+    ``{method: MemoryPlan}``.
+  """
+  if isinstance(config, str):
+    if config not in CONFIGS:
+      raise ValueError(f"unknown LLaMA config {config!r}; known:"
+                       f" {', '.join(CONFIGS)}")
+    config = CONFIGS[config]
+  rank = config.rank if rank is None else rank
+  if (batch is None) != (seq is None):
+    raise ValueError("give both `batch` and `seq` to compile the train step,"
+                     f" or neither; got batch={batch!r}, seq={seq!r}")
+  params = llama_params(config, dtype)
+  plans = plan(params, methods, rank=rank, targets=LLAMA_TARGETS,
+               update_proj_gap=update_proj_gap, quantize_base=quantize_base,
+               block_size=block_size)
+  if batch is None:
+    return plans
+  _validation.positive_int("batch", batch)
+  _validation.positive_int("seq", seq)
+  flat = _flat_params(params, None)
+  mask = _target_mask(flat, LLAMA_TARGETS, rank)
+  tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+  return {
+      m: dataclasses.replace(p, compiled=_compiled_step(
+          m, config, params, mask, rank, tokens, remat, quantize_base,
+          block_size, update_proj_gap))
+      for m, p in plans.items()}
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+_UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20,
+          "gb": 2**30, "gib": 2**30, "tb": 2**40, "tib": 2**40}
+_DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16,
+           "bfloat16": jnp.bfloat16, "fp16": jnp.float16,
+           "float16": jnp.float16}
+
+
+def parse_bytes(text: str) -> int:
+  """``"24GB"`` -> ``24 * 2**30``: binary units, as GPU memory is quoted."""
+  m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+  if not m or m.group(2).lower() not in _UNITS:
+    raise ValueError(f"cannot read a memory size from {text!r}; write e.g."
+                     " 24GB, 16GiB, 500MB")
+  return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _gib(x: float) -> str:
+  return f"{x / 2**30:,.2f}"
+
+
+def table(plans: Mapping[str, MemoryPlan], budget: Optional[int] = None) -> str:
+  """A markdown table of ``plans`` in GiB, with a fits column for a budget."""
+  compiled = any(p.compiled is not None for p in plans.values())
+  head = ["method", "weights", "gradients", "optimizer state", "projectors",
+          "total", "closed form"]
+  head += ["compiled step (XLA)"] if compiled else []
+  head += [f"fits {_gib(budget)} GiB"] if budget is not None else []
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for p in plans.values():
+    cells = [p.method, _gib(p.weights), _gib(p.gradients),
+             _gib(p.optimizer_state), _gib(p.projectors), _gib(p.total),
+             _gib(p.closed_form)]
+    if compiled:
+      cells.append(_gib(p.compiled))
+    if budget is not None:
+      need = p.compiled if p.compiled is not None else p.total
+      cells.append("yes" if need <= budget else "no")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  ap = argparse.ArgumentParser(
+      prog="python -m galore_jax.memory",
+      description="Memory of every training method for a LLaMA config, from"
+      " the real transforms (jax.eval_shape; nothing is allocated).")
+  ap.add_argument("--model", default="llama-7b", choices=list(CONFIGS))
+  ap.add_argument("--rank", type=int, default=None,
+                  help="GaLore / LoRA rank (default: the paper's)")
+  ap.add_argument("--dtype", default="bf16", choices=list(_DTYPES))
+  ap.add_argument("--methods", default=",".join(METHODS),
+                  help="comma-separated, from: " + ", ".join(METHODS))
+  ap.add_argument("--budget", default=None,
+                  help="device memory, e.g. 24GB (binary units): marks fits")
+  ap.add_argument("--compile", action="store_true",
+                  help="also compile the jitted train step (XLA's figure)")
+  ap.add_argument("--batch", type=int, default=None)
+  ap.add_argument("--seq", type=int, default=None)
+  ap.add_argument("--remat", action="store_true")
+  args = ap.parse_args(argv)
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  if args.compile and (args.batch is None or args.seq is None):
+    ap.error("--compile needs --batch and --seq")
+  if not args.compile and (args.batch is not None or args.seq is not None):
+    ap.error("--batch and --seq only apply with --compile")
+  try:
+    budget = None if args.budget is None else parse_bytes(args.budget)
+    plans = plan_llama(args.model, methods, rank=args.rank,
+                       dtype=_DTYPES[args.dtype], batch=args.batch,
+                       seq=args.seq, remat=args.remat)
+  except ValueError as e:
+    ap.error(str(e))
+  config = CONFIGS[args.model]
+  rank = config.rank if args.rank is None else args.rank
+  print(f"## {args.model}: {config.num_params / 1e9:.2f}B params, rank {rank},"
+        f" {args.dtype}" + (f", batch {args.batch} x seq {args.seq}"
+                            f"{', remat' if args.remat else ''}"
+                            if args.compile else "") + " (GiB)\n")
+  print(table(plans, budget))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,213 @@
+"""Memory planner: its bytes are the real states' bytes; the 7B ranking."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import galore_jax
+from galore_jax import lora
+from galore_jax import memory
+from tests.test_lora import Block
+
+TARGETS = r"attn|mlp"
+RANK = 8
+
+
+def nbytes(tree):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def params_of(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def mask_of(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x.ndim >= 2 and any(
+          getattr(k, "key", None) in ("attn", "mlp") for k in p), params)
+
+
+@pytest.fixture(scope="module")
+def plans():
+  return memory.plan(Block(nnx.Rngs(0)), rank=RANK, targets=TARGETS)
+
+
+def test_full_methods_equal_the_initialized_states(plans):
+  params = params_of(Block(nnx.Rngs(0)))
+  mask = mask_of(params)
+  n_bytes = nbytes(params)
+  real = {
+      "adamw": optax.adamw(1e-3),
+      "adamw_8bit": galore_jax.adamw_8bit(1e-3),
+      "galore": galore_jax.galore_adamw(1e-3, rank=RANK, projection_mask=mask),
+      "galore_8bit": galore_jax.galore_adamw_8bit(1e-3, rank=RANK,
+                                                  projection_mask=mask),
+      "q_galore": galore_jax.q_galore_adamw(1e-3, rank=RANK,
+                                            projection_mask=mask),
+  }
+  for method, tx in real.items():
+    state = tx.init(params)
+    proj = nbytes(state[0].projector) if "galore" in method else 0
+    p = plans[method]
+    assert p.gradients == n_bytes, method
+    assert p.projectors == proj, method
+    assert p.optimizer_state + p.projectors == nbytes(state), method
+    assert p.total == p.weights + p.gradients + p.optimizer_state + proj
+  assert plans["adamw"].weights == n_bytes
+  assert plans["galore"].projectors > 0
+  qparams = galore_jax.quantize_params(params, mask=mask)
+  assert plans["q_galore"].weights == nbytes(qparams) < n_bytes
+
+
+@pytest.mark.parametrize("method,quantize_base", [("lora", None),
+                                                  ("qlora", "nf4")])
+def test_lora_methods_equal_the_converted_model(plans, method, quantize_base):
+  model = lora.apply(Block(nnx.Rngs(0)), rank=RANK, targets=TARGETS,
+                     quantize_base=quantize_base, rngs=nnx.Rngs(1))
+  opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+  p = plans[method]
+  assert p.weights == nbytes(nnx.state(model))  # frozen + quantized + adapters
+  assert p.gradients == nbytes(nnx.state(model, nnx.Param))
+  assert p.optimizer_state == nbytes(nnx.state(opt.opt_state))
+  assert p.projectors == 0
+
+
+def test_closed_forms_in_fp32(plans):
+  params = params_of(Block(nnx.Rngs(0)))
+  n = sum(x.size for x in jax.tree.leaves(params))
+  adapters = sum(RANK * (x.shape[0] + x.shape[1])
+                 for x, m in zip(jax.tree.leaves(params),
+                                 jax.tree.leaves(mask_of(params))) if m)
+  count = 4  # Adam's int32 step count: the only byte the formulas leave out
+  assert plans["adamw"].closed_form == 16 * n == plans["adamw"].total - count
+  assert plans["lora"].closed_form == 4 * n + 16 * adapters
+  assert plans["lora"].total == plans["lora"].closed_form + count
+  assert plans["qlora"].closed_form == n / 2 + 16 * adapters
+
+
+def test_abstract_params_and_dtype():
+  params = {"w": jax.ShapeDtypeStruct((256, 128), jnp.float32),
+            "b": jax.ShapeDtypeStruct((128,), jnp.float32)}
+  f32 = memory.plan(params, ["adamw", "galore"], rank=16)
+  bf16 = memory.plan(params, ["adamw", "galore"], rank=16, dtype=jnp.bfloat16)
+  n = 256 * 128 + 128
+  assert f32["adamw"].total == 16 * n + 4 and bf16["adamw"].total == 8 * n + 4
+  assert f32["galore"].projectors == 4 * 16 * 128  # std: right, (16, 128)
+  assert bf16["galore"].projectors == 2 * 16 * 128
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_llama_7b_reproduces_the_lectures_ranking(dtype):
+  """Full > LoRA ~ GaLore > QLoRA ~ Q-GaLore (REFERENCE.md §5)."""
+  p = {m: x.total for m, x in memory.plan_llama(
+      "llama-7b", rank=1024, dtype=dtype).items()}
+  n = memory.CONFIGS["llama-7b"].num_params
+  assert 6.7e9 < n < 6.8e9
+  assert p["adamw"] > max(p["lora"], p["galore"])
+  assert min(p["lora"], p["galore"]) > max(p["qlora"], p["q_galore"])
+  near = lambda a, b: abs(math.log(a / b)) < math.log(1.25)
+  assert near(p["lora"], p["galore"]) and near(p["qlora"], p["q_galore"])
+  itemsize = jnp.dtype(dtype).itemsize
+  assert p["adamw"] == 4 * itemsize * n + 4
+
+
+def test_llama_param_counts():
+  for name, nominal in [("llama-60m", 58e6), ("llama-130m", 134e6),
+                        ("llama-350m", 368e6), ("llama-1b", 1.34e9)]:
+    config = memory.CONFIGS[name]
+    params = memory.llama_params(config)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    assert n == config.num_params
+    assert abs(n / nominal - 1) < 0.02, (name, n)
+
+
+def test_compiled_train_steps_of_a_tiny_llama():
+  config = memory.LlamaConfig(64, 128, 4, 2, vocab=256, rank=16)
+  plans = memory.plan_llama(config, batch=2, seq=16)
+  for m, p in plans.items():
+    assert p.compiled is not None and p.compiled >= p.weights, m
+  assert plans["lora"].compiled < plans["adamw"].compiled
+  # The step really trains: the loss at init is about log(vocab).
+  params = jax.tree.map(
+      lambda s: 0.02 * jax.random.normal(jax.random.key(0), s.shape, s.dtype),
+      memory.llama_params(config))
+  tokens = jnp.arange(34).reshape(2, 17) % 256
+  loss = memory._llama_loss(params, tokens, config, remat=False)
+  assert abs(float(loss) - math.log(256)) < 0.1
+
+
+def test_compiled_bytes_counts_donation():
+  x = jax.ShapeDtypeStruct((1024,), jnp.float32)
+  kept = memory.compiled_bytes(lambda a: a + 1, x)
+  donated = memory.compiled_bytes(lambda a: a + 1, x, donate_argnums=0)
+  assert kept == 8192 and donated == 4096
+
+
+def test_cli_prints_the_table_and_marks_the_budget(capsys):
+  assert memory.main(["--model", "llama-60m", "--dtype", "fp32",
+                      "--budget", "0.5GB"]) == 0
+  out = capsys.readouterr().out
+  rows = {line.split("|")[1].strip(): line for line in out.splitlines()
+          if line.startswith("| ") and "method" not in line}
+  assert set(rows) == set(memory.METHODS)
+  assert rows["adamw"].rstrip(" |").endswith("no")  # 0.87 GiB
+  assert rows["qlora"].rstrip(" |").endswith("yes")
+
+
+def test_parse_bytes():
+  assert memory.parse_bytes("24GB") == 24 * 2**30
+  assert memory.parse_bytes("16 GiB") == 16 * 2**30
+  assert memory.parse_bytes("512MB") == 2**29
+  assert memory.parse_bytes("1000") == 1000
+  with pytest.raises(ValueError, match="cannot read a memory size"):
+    memory.parse_bytes("24 gigs")
+
+
+# ---------------------------------------------------------------------------
+# Bad input.
+
+
+def test_unknown_method():
+  with pytest.raises(ValueError, match="unknown method.*'sgd'.*known: adamw"):
+    memory.plan_llama("llama-60m", ["adamw", "sgd"])
+
+
+def test_lora_rank_too_large_names_the_target():
+  params = {"attn": {"w": jax.ShapeDtypeStruct((64, 32), jnp.float32)}}
+  with pytest.raises(ValueError, match="larger than target 'attn/w' allows"):
+    memory.plan(params, ["lora"], rank=33, targets="attn")
+
+
+def test_targets_matching_nothing_lists_the_paths():
+  with pytest.raises(ValueError, match="matches no param.*layers/q"):
+    memory.plan(memory.llama_params(memory.CONFIGS["llama-60m"]), rank=8,
+                targets="decoder")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--methods", "adamw,full"], "unknown method"),
+    (["--budget", "lots"], "cannot read a memory size"),
+    (["--compile"], "--compile needs --batch and --seq"),
+    (["--batch", "2"], "only apply with --compile"),
+    (["--model", "gpt-2"], "invalid choice"),
+])
+def test_cli_errors(argv, match, capsys):
+  with pytest.raises(SystemExit) as e:
+    memory.main(argv)
+  assert e.value.code == 2
+  assert match in capsys.readouterr().err
+
+
+def test_bad_config_and_compile_args():
+  with pytest.raises(ValueError, match="unknown LLaMA config 'llama-3b'"):
+    memory.plan_llama("llama-3b")
+  with pytest.raises(ValueError, match="give both `batch` and `seq`"):
+    memory.plan_llama("llama-60m", batch=2)
+  with pytest.raises(ValueError, match="`quantize_base` must be"):
+    memory.plan_llama("llama-60m", quantize_base="fp4")
+  np.testing.assert_equal(len(memory.METHODS), 7)
