@@ -61,6 +61,10 @@ class ScaleByAdam8bitState(NamedTuple):
   nu: optax.Updates
 
 
+# Elements updated at once per 8-bit leaf: bounds the step's temporaries.
+_CHUNK_ELEMENTS = 2**20
+
+
 def _is_8bit(x: Any, min_8bit_size: int) -> bool:
   return math.prod(x.shape) >= min_8bit_size
 
@@ -144,17 +148,40 @@ def scale_by_adam_8bit(
         nu=jax.tree.map(lambda x: zeros(x, False), params),
     )
 
-  def load(entry, signed, g):
-    if not _is_8bit(g, min_8bit_size):
-      return entry
-    codes, absmax = _codes(entry)
-    return quantization.dequantize_blockwise(codes, absmax, signed, g.shape)
+  def float_leaf(g, m, v, c1, c2):
+    g32 = g.astype(jnp.float32)
+    m = b1 * m + (1 - b1) * g32
+    v = b2 * v + (1 - b2) * g32 * g32
+    return ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), m, v
 
-  def store(x, signed, g):
-    if not _is_8bit(g, min_8bit_size):
-      return x
-    return BlockwiseCodes(*quantization.quantize_blockwise(
-        x, signed, block_size, keep_nonzero=True))
+  def int8_leaf(g, mu, nu, c1, c2):
+    # Chunks of blocks through lax.map: dequantize, update, requantize chunk
+    # by chunk, so the float32 moments and the code search never exist for
+    # a whole leaf at once (XLA would otherwise keep ~40 temp bytes/param).
+    mu, nu = _codes(mu), _codes(nu)
+    blocks = mu.codes.shape[0]
+    flat = jnp.ravel(g)
+    g_blocks = jnp.pad(flat, (0, blocks * block_size - flat.size)).reshape(
+        blocks, block_size)
+
+    def chunk(args):
+      g_b, mc, ma, vc, va = args  # one block: (block_size,), scalars
+      m = quantization.dequantize_blockwise(mc[None], ma[None], True,
+                                            (block_size,))
+      v = quantization.dequantize_blockwise(vc[None], va[None], False,
+                                            (block_size,))
+      u, m, v = float_leaf(g_b, m, v, c1, c2)
+      mc, ma = quantization.quantize_blockwise(m, True, block_size,
+                                               keep_nonzero=True)
+      vc, va = quantization.quantize_blockwise(v, False, block_size,
+                                               keep_nonzero=True)
+      return u, mc[0], ma[0], vc[0], va[0]
+
+    u, mc, ma, vc, va = jax.lax.map(
+        chunk, (g_blocks, mu.codes, mu.absmax, nu.codes, nu.absmax),
+        batch_size=max(1, _CHUNK_ELEMENTS // block_size))
+    u = u.reshape(-1)[:flat.size].reshape(g.shape)
+    return u, BlockwiseCodes(mc, ma), BlockwiseCodes(vc, va)
 
   def update_fn(updates, state, params=None):
     del params
@@ -166,12 +193,11 @@ def scale_by_adam_8bit(
     c1, c2 = 1 - b1**t, 1 - b2**t
     out, new_mu, new_nu = [], [], []
     for g, mu, nu in zip(leaves, mus, nus):
-      g32 = g.astype(jnp.float32)
-      m = b1 * load(mu, True, g) + (1 - b1) * g32
-      v = b2 * load(nu, False, g) + (1 - b2) * g32 * g32
-      out.append(((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype))
-      new_mu.append(store(m, True, g))
-      new_nu.append(store(v, False, g))
+      leaf = int8_leaf if _is_8bit(g, min_8bit_size) else float_leaf
+      u, m, v = leaf(g, mu, nu, c1, c2)
+      out.append(u)
+      new_mu.append(m)
+      new_nu.append(v)
     return treedef.unflatten(out), ScaleByAdam8bitState(
         count=count, mu=treedef.unflatten(new_mu),
         nu=treedef.unflatten(new_nu))
