@@ -44,3 +44,13 @@ def test_q_galore_quickstart_runs_and_decreases_the_loss():
         qparams, opt_state, scope["x"], scope["y"],
         jax.random.key(10 + t))
   assert float(loss) < first
+
+
+def test_lora_quickstart_trains_and_merges():
+  from flax import nnx
+  scope = run_block(2)
+  model = scope["model"]
+  assert all(type(layer) is nnx.Linear for layer in model.layers
+             if isinstance(layer, nnx.Module))
+  assert type(model.layers[0].kernel) is nnx.Param
+  assert bool(jax.numpy.isfinite(scope["loss"]))
