@@ -245,9 +245,23 @@ def unpack(packed: jax.Array, bits: int, size: int) -> jax.Array:
 # Quantized arrays (INT8 weights).
 
 
+class _Stored:
+  """``size`` and ``ndim`` of the float array a quantized array stands for."""
+
+  shape: tuple[int, ...]
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantizedArray:
+class QuantizedArray(_Stored):
   """A float array stored as group-wise codes; a pytree of three arrays.
 
   Hold it wherever an array goes: in a params dict, or as the value of a
@@ -274,14 +288,6 @@ class QuantizedArray:
   bits: int = dataclasses.field(default=8, metadata=dict(static=True))
   group_size: int = dataclasses.field(
       default=256, metadata=dict(static=True))
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.shape)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
 
   @property
   def nbytes(self) -> int:
@@ -484,7 +490,7 @@ def _absmax_bits(code: str) -> int:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class AbsmaxQuantizedArray:
+class AbsmaxQuantizedArray(_Stored):
   """A float array stored as blockwise-absmax codes (a QLoRA frozen weight).
 
   ``x ≈ table[code] * absmax[block]``: ``table`` is :func:`nf4_code_map`
@@ -507,14 +513,6 @@ class AbsmaxQuantizedArray:
   dtype: Any = dataclasses.field(metadata=dict(static=True))
   code: str = dataclasses.field(default="nf4", metadata=dict(static=True))
   block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.shape)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
 
   @property
   def nbytes(self) -> int:
