@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 import galore_jax
+from galore_jax import memory
 
 VOCAB = 32000
 # name: (hidden, intermediate, heads, layers, GaLore rank of the paper's recipe)
@@ -56,9 +57,7 @@ def projection_mask(params):
   return jax.tree.map_with_path(lambda path, _: path[-1].key in PROJECTED, params)
 
 
-def nbytes(tree):
-  """Stored bytes of every array leaf (MaskedNode / EmptyState have none)."""
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+nbytes = memory.nbytes  # stored bytes of every array leaf
 
 
 def masked_bytes(mask, tree, want):

@@ -82,16 +82,6 @@ class Frozen(nnx.Variable):
   """
 
 
-def _value(v: Any) -> Any:
-  return v.get_value() if isinstance(v, nnx.Variable) else v
-
-
-def _dense(w: Any, dtype: Any = None) -> jax.Array:
-  if isinstance(w, quantization.AbsmaxQuantizedArray):
-    return w.dequantize(dtype)
-  return w if dtype is None else w.astype(dtype)
-
-
 class LoRALinear(nnx.Module):
   r"""A linear layer with a frozen (optionally quantized) base and an adapter.
 
@@ -171,14 +161,14 @@ class LoRALinear(nnx.Module):
   @classmethod
   def from_linear(cls, linear: nnx.Linear, rank: int, **kwargs) -> "LoRALinear":
     """A LoRA layer on top of ``linear``'s kernel and bias (kept frozen)."""
-    bias = None if linear.bias is None else _value(linear.bias)
+    bias = None if linear.bias is None else linear.bias.get_value()
     kwargs.setdefault("dtype", linear.dtype)
     kwargs.setdefault("precision", linear.precision)
-    return cls(_value(linear.kernel), bias, rank, **kwargs)
+    return cls(linear.kernel.get_value(), bias, rank, **kwargs)
 
   def base_kernel(self, dtype: Any = None) -> jax.Array:
     """The frozen base weight, dequantized if stored quantized."""
-    return _dense(_value(self.kernel), dtype)
+    return quantization.dequantize(self.kernel.get_value(), dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or jnp.result_type(x, self.param_dtype)
@@ -187,7 +177,7 @@ class LoRALinear(nnx.Module):
     x = x.astype(dtype)
     y = jnp.matmul(x, w, precision=self.precision)
     if self.bias is not None:
-      y = y + _value(self.bias).astype(dtype)
+      y = y + self.bias.get_value().astype(dtype)
     h = x if self.dropout is None else self.dropout(x)
     h = jnp.matmul(h, a, precision=self.precision)
     return y + self.scale * jnp.matmul(h, b, precision=self.precision)
@@ -435,7 +425,7 @@ def merge(model: nnx.Module) -> nnx.Module:
                        layer.lora_b[...].astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
     kernel = (w + layer.scale * delta).astype(layer.param_dtype)
-    bias = None if layer.bias is None else _value(layer.bias)
+    bias = None if layer.bias is None else layer.bias.get_value()
     linear = nnx.eval_shape(lambda: nnx.Linear(
         layer.in_features, layer.out_features, use_bias=bias is not None,
         dtype=layer.dtype, param_dtype=layer.param_dtype,

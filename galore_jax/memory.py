@@ -52,6 +52,7 @@ import optax
 from galore_jax import _validation
 from galore_jax import adam_8bit
 from galore_jax import galore
+from galore_jax import projection
 from galore_jax import q_galore
 from galore_jax import quantization
 
@@ -141,11 +142,7 @@ def _key_str(key: Any) -> str:
 
 def path_str(path: tuple) -> str:
   """``"layers/0/kernel"`` for a key path (a trailing ``.value`` dropped)."""
-  names = [_key_str(k) for k in path]
-  if names and names[-1] == "value" and isinstance(path[-1],
-                                                   jax.tree_util.GetAttrKey):
-    names = names[:-1]
-  return "/".join(names)
+  return "/".join(_key_str(k) for k in projection.normalize_path(path))
 
 
 def _flat_params(params: Any, dtype: Any) -> dict[str, jax.ShapeDtypeStruct]:
@@ -319,6 +316,7 @@ def plan(
   n = sum(math.prod(x.shape) for x in flat.values())
   b = sum(nbytes(x) for x in flat.values()) / n  # bytes per float
   weights = nbytes(flat)
+  m, p = _galore_shapes(flat, mask, rank)  # closed forms of the GaLore family
   out = {}
   for method in methods:
     if method in ("lora", "qlora"):
@@ -327,12 +325,12 @@ def plan(
       if method == "qlora":
         frozen = _frozen_weights(frozen, mask, quantize_base, block_size)
       state = jax.eval_shape(optax.adamw(_LR).init, train)
-      m = sum(math.prod(x.shape) for x in train.values())
+      m_lora = sum(math.prod(x.shape) for x in train.values())
       base = n / 2 if method == "qlora" else b * n
       out[method] = MemoryPlan(
           method, weights=nbytes(frozen) + nbytes(train),
           gradients=nbytes(train), optimizer_state=nbytes(state),
-          projectors=0, closed_form=base + 4 * b * m)
+          projectors=0, closed_form=base + 4 * b * m_lora)
       continue
     state = jax.eval_shape(
         _optimizer(method, rank, mask, update_proj_gap).init, flat)
@@ -341,7 +339,6 @@ def plan(
     if method == "q_galore":
       w = nbytes(jax.eval_shape(
           lambda p: q_galore.quantize_params(p, mask=mask), flat))
-    m, p = _galore_shapes(flat, mask, rank)
     closed = {"adamw": 4 * b * n, "adamw_8bit": 2 * b * n + 2 * n,
               "galore": 2 * b * n + 2 * b * m + b * p,
               "galore_8bit": 2 * b * n + 2 * m + b * p,
@@ -401,16 +398,9 @@ def _rope(x_BxSxHxD, theta=10000.0):
 def _linear(x, w, scale):
   """``x W``, or ``x W + scale x A B`` for a LoRA ``{"w", "a", "b"}``."""
   if isinstance(w, dict):
-    y = x @ _dense(w["w"], x.dtype)
+    y = x @ quantization.dequantize(w["w"], x.dtype)
     return y + scale * ((x @ w["a"].astype(x.dtype)) @ w["b"].astype(x.dtype))
-  return x @ _dense(w, x.dtype)
-
-
-def _dense(w, dtype):
-  if isinstance(w, (quantization.AbsmaxQuantizedArray,
-                    quantization.QuantizedArray)):
-    return w.dequantize(dtype)
-  return w.astype(dtype)
+  return x @ quantization.dequantize(w, x.dtype)
 
 
 def _llama_loss(params, tokens_BxT, config, remat, lora_scale=1.0):

@@ -352,9 +352,16 @@ def quantize_array(
       group_size=int(group_size))
 
 
-def dequantize(x: Any) -> Any:
-  """``x.dequantize()`` for a :class:`QuantizedArray`, ``x`` otherwise."""
-  return x.dequantize() if isinstance(x, QuantizedArray) else x
+def dequantize(x: Any, dtype: Any = None) -> Any:
+  """``x.dequantize(dtype)`` for a quantized array, else ``x`` (cast to
+  ``dtype`` if given).
+
+  Either quantized type works: :class:`QuantizedArray` and
+  :class:`AbsmaxQuantizedArray`.
+  """
+  if isinstance(x, (QuantizedArray, AbsmaxQuantizedArray)):
+    return x.dequantize(dtype)
+  return x if dtype is None else x.astype(dtype)
 
 
 def is_quantized(x: Any) -> bool:
