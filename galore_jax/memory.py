@@ -58,7 +58,8 @@ from galore_jax import quantization
 
 __all__ = [
     "CONFIGS", "LLAMA_TARGETS", "METHODS", "LlamaConfig", "MemoryPlan",
-    "compiled_bytes", "llama_params", "main", "plan", "plan_llama",
+    "compiled_bytes", "llama_params", "main", "nbytes", "parse_bytes",
+    "path_str", "plan", "plan_llama", "table",
 ]
 
 METHODS = ("adamw", "adamw_8bit", "lora", "qlora", "galore", "galore_8bit",
@@ -168,13 +169,22 @@ def _target_mask(flat: Mapping[str, Any], targets: Any, rank: int):
     raise TypeError("`targets` must be None, a regex over '/'-joined param"
                     f" paths, or a callable (path, leaf) -> bool; got"
                     f" {targets!r}")
-  pattern = re.compile(targets)
+  pattern = _regex("targets", targets)
   mask = {k: x.ndim >= 2 and bool(pattern.search(k)) for k, x in flat.items()}
   if not any(mask.values()):
     raise ValueError(
         f"`targets` {pattern.pattern!r} matches no param with ndim >= 2; the"
         f" paths are: {', '.join(flat)}")
   return mask
+
+
+def _regex(name: str, value: Any) -> re.Pattern:
+  if isinstance(value, re.Pattern):
+    return value
+  try:
+    return re.compile(value)
+  except (re.error, TypeError) as e:
+    raise ValueError(f"`{name}` is not a valid regex: {value!r} ({e})") from e
 
 
 def _check_methods(methods: Any) -> tuple[str, ...]:
@@ -312,7 +322,7 @@ def plan(
                      f" {quantize_base!r}")
   flat = _flat_params(params, dtype)
   mask = _target_mask(flat, targets, rank)
-  trainable_re = None if trainable is None else re.compile(trainable)
+  trainable_re = None if trainable is None else _regex("trainable", trainable)
   n = sum(math.prod(x.shape) for x in flat.values())
   b = sum(nbytes(x) for x in flat.values()) / n  # bytes per float
   weights = nbytes(flat)

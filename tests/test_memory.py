@@ -4,7 +4,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -210,4 +209,10 @@ def test_bad_config_and_compile_args():
     memory.plan_llama("llama-60m", batch=2)
   with pytest.raises(ValueError, match="`quantize_base` must be"):
     memory.plan_llama("llama-60m", quantize_base="fp4")
-  np.testing.assert_equal(len(memory.METHODS), 7)
+
+
+@pytest.mark.parametrize("name", ["targets", "trainable"])
+def test_invalid_regexes_name_the_argument(name):
+  params = memory.llama_params(memory.CONFIGS["llama-60m"])
+  with pytest.raises(ValueError, match=f"`{name}` is not a valid regex: '\\('"):
+    memory.plan(params, ["lora"], rank=8, **{name: "("})
