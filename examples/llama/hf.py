@@ -1,0 +1,156 @@
+"""Loads a Hugging Face LLaMA checkpoint directory into the NNX model.
+
+Reads ``config.json`` and ``model.safetensors`` (or the shards listed in
+``model.safetensors.index.json``) with NumPy alone: no torch, no network.
+HF stores a Linear weight as ``(out, in)``; a Flax kernel is its transpose.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from examples.llama import model as model_lib
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """``{name: array}`` of one ``.safetensors`` file (the documented format:
+  an 8-byte little-endian header size, a JSON header, raw tensor bytes)."""
+  raw = path.read_bytes()
+  (size,) = struct.unpack("<Q", raw[:8])
+  header = json.loads(raw[8:8 + size])
+  header.pop("__metadata__", None)
+  out = {}
+  for name, info in header.items():
+    if info["dtype"] not in _DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype"
+                       f" {info['dtype']}")
+    begin, end = info["data_offsets"]
+    buf = raw[8 + size + begin:8 + size + end]
+    out[name] = np.frombuffer(buf, _DTYPES[info["dtype"]]).reshape(
+        info["shape"])
+  return out
+
+
+def read_config(directory: str | pathlib.Path) -> model_lib.Config:
+  """The :class:`~examples.llama.model.Config` of an HF ``config.json``."""
+  path = pathlib.Path(directory) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"--init-from: no config.json in {directory}")
+  c = json.loads(path.read_text())
+  if c.get("model_type", "llama") != "llama":
+    raise ValueError(f"--init-from: {path} is a {c['model_type']!r} model,"
+                     " not a LLaMA")
+  if c.get("rope_scaling"):
+    raise ValueError(f"--init-from: rope_scaling {c['rope_scaling']!r} is"
+                     " not supported")
+  theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get(
+      "rope_theta", 10000.0))
+  return model_lib.Config(
+      hidden=c["hidden_size"], intermediate=c["intermediate_size"],
+      heads=c["num_attention_heads"], layers=c["num_hidden_layers"],
+      vocab=c["vocab_size"], kv_heads=c.get("num_key_value_heads"),
+      tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+      rope_theta=float(theta), norm_eps=float(c.get("rms_norm_eps", 1e-6)))
+
+
+def read_weights(directory: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """Every tensor of the checkpoint, single-file or sharded."""
+  directory = pathlib.Path(directory)
+  index = directory / "model.safetensors.index.json"
+  if index.is_file():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  elif (directory / "model.safetensors").is_file():
+    files = ["model.safetensors"]
+  else:
+    raise FileNotFoundError(f"--init-from: no model.safetensors (or index)"
+                            f" in {directory}")
+  weights = {}
+  for f in files:
+    weights.update(read_safetensors(directory / f))
+  return weights
+
+
+def _hf_layer_names(i: int) -> dict[tuple[str, ...], tuple[str, bool]]:
+  """Our path inside block ``i`` -> (HF name, transpose)."""
+  p = f"model.layers.{i}."
+  names = {("attn", n, "kernel"): (f"{p}self_attn.{n}_proj.weight", True)
+           for n in ("q", "k", "v", "o")}
+  names.update({("mlp", n, "kernel"): (f"{p}mlp.{n}_proj.weight", True)
+                for n in ("gate", "up", "down")})
+  names[("attn_norm", "scale")] = (f"{p}input_layernorm.weight", False)
+  names[("mlp_norm", "scale")] = (f"{p}post_attention_layernorm.weight", False)
+  return names
+
+
+def _set(tree: dict, path: tuple, value: np.ndarray, name: str):
+  node = tree
+  for k in path[:-1]:
+    node = node[k]
+  want = tuple(node[path[-1]].shape)
+  if value.shape != want:
+    raise ValueError(f"--init-from: {name} has shape {value.shape}, the model"
+                     f" expects {want}")
+  node[path[-1]][...] = value
+
+
+def load_into(model: model_lib.Llama, directory: str | pathlib.Path) -> None:
+  """Overwrites ``model``'s params with the checkpoint's (in place).
+
+  Raises:
+    ValueError: a missing tensor, a shape mismatch, or tensors left over.
+  """
+  weights = read_weights(directory)
+  cfg = model.cfg
+  state = nnx.state(model, nnx.Param)
+  params = jax.tree.map(np.array, nnx.to_pure_dict(state))  # writable
+  used = set()
+
+  def take(name, transpose):
+    if name not in weights:
+      raise ValueError(f"--init-from: tensor {name!r} is missing from"
+                       f" {directory}")
+    used.add(name)
+    w = np.asarray(weights[name], np.float32)
+    return w.T if transpose else w
+
+  _set(params, ("embed", "embedding"), take("model.embed_tokens.weight",
+                                            False), "embed_tokens")
+  _set(params, ("norm", "scale"), take("model.norm.weight", False), "norm")
+  if not cfg.tie_embeddings:
+    _set(params, ("lm_head", "kernel"), take("lm_head.weight", True),
+         "lm_head")
+  else:
+    used.add("lm_head.weight")  # HF may store the tied copy too
+  for i in range(cfg.layers):
+    for path, (name, transpose) in _hf_layer_names(i).items():
+      w = take(name, transpose)
+      if model.scan_layers:
+        stacked = params["layers"]
+        for k in path[:-1]:
+          stacked = stacked[k]
+        full = stacked[path[-1]]
+        if full.shape[1:] != w.shape:
+          raise ValueError(f"--init-from: {name} has shape {w.shape}, the"
+                           f" model expects {full.shape[1:]}")
+        full[i] = w
+      else:
+        _set(params["layers"][i], path, w, name)
+  extra = sorted(set(weights) - used - {
+      n for n in weights if n.endswith("rotary_emb.inv_freq")})
+  if extra:
+    raise ValueError(f"--init-from: tensors not used by this model: {extra[:5]}"
+                     f"{' ...' if len(extra) > 5 else ''}")
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  nnx.update(model, state)

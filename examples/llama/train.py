@@ -1,0 +1,631 @@
+r"""Pre-train or fine-tune a LLaMA with AdamW, 8-bit Adam, GaLore, Q-GaLore,
+LoRA or QLoRA, on one GPU or on CPU.
+
+  python -m examples.llama.train                       # llama-1m, galore, stdlib
+  python -m examples.llama.train --compare adamw,galore,q_galore --steps 600
+  python -m examples.llama.train --model llama-60m --method galore \
+      --data corpus.txt --dtype bf16 --batch-size 64 --seq-len 256
+  python -m examples.llama.train --init-from ./hf-llama --method galore ...
+  python -m examples.llama.train ... --resume          # continue exactly
+
+Writes to ``--out/<method>/``: ``metrics.jsonl`` (train loss every step,
+validation loss and perplexity every ``--eval-every``), ``result.json``,
+Orbax checkpoints in ``ckpt/``; and to ``--out``: ``loss.png`` (every run of
+the directory on one plot) and ``summary.md``.
+
+GaLore methods project the attention and MLP kernels only; embeddings, norms
+and the LM head use AdamW in full, as in the paper. The learning rate follows
+the paper's recipe: linear warmup over 10% of the steps, then cosine decay to
+10% of the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import signal
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+if __package__ in (None, ""):  # `python examples/llama/train.py`
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import galore_jax
+from galore_jax import lora
+from examples.llama import data as data_lib
+from examples.llama import hf
+from examples.llama import model as model_lib
+
+METHODS = ("adamw", "adamw_8bit", "galore", "galore_8bit", "q_galore", "lora",
+           "qlora")
+GALORE_METHODS = ("galore", "galore_8bit", "q_galore")
+# Attention and MLP kernels: what GaLore projects and LoRA adapts.
+TARGET_PARAMS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)/kernel$"
+TARGET_LINEARS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)$"
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# Args that set the shapes of the saved state: a resumed run must match them.
+_STATE_ARGS = ("model", "init_from", "method", "rank", "dtype", "param_dtype",
+               "scan_layers", "batch_size", "seq_len", "grad_accum", "seed",
+               "data", "tokenizer", "lora_alpha", "lora_trainable")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient norm became NaN or infinite."""
+
+
+def default_lr(method: str, cfg: model_lib.Config) -> float:
+  """The GaLore paper's recipe: its lr for GaLore, 1e-3 for the others."""
+  return cfg.lr if method in GALORE_METHODS else 1e-3
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m examples.llama.train",
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  a = p.add_argument
+  a("--model", default="llama-1m", choices=sorted(model_lib.CONFIGS),
+    help="named config (its vocabulary is replaced by the tokenizer's)")
+  a("--init-from", default=None, metavar="DIR",
+    help="a Hugging Face LLaMA checkpoint directory (config.json +"
+         " safetensors) to fine-tune; overrides --model")
+  a("--method", default="galore", choices=METHODS)
+  a("--compare", default=None, metavar="M1,M2,...",
+    help="run several methods one after the other (overrides --method)")
+  a("--rank", type=int, default=None,
+    help="GaLore / LoRA rank (default: the config's recipe rank)")
+  a("--update-proj-gap", type=int, default=200)
+  a("--galore-scale", type=float, default=0.25)
+  a("--lora-alpha", type=float, default=None, help="default: the rank")
+  a("--lora-trainable", default="embed|norm|lm_head",
+    help="regex of params LoRA / QLoRA train in full ('' for none)")
+  a("--lr", type=float, default=None,
+    help="peak learning rate (default: 0.01 for GaLore methods as in the"
+         " paper's recipe, 1e-3 otherwise)")
+  a("--warmup", type=float, default=0.1, help="warmup fraction of --steps")
+  a("--min-lr-ratio", type=float, default=0.1)
+  a("--weight-decay", type=float, default=0.0)
+  a("--clip", type=float, default=0.0, help="global-norm clip (0: off)")
+  a("--steps", type=int, default=400, help="optimizer steps")
+  a("--batch-size", type=int, default=16, help="sequences per micro-batch")
+  a("--seq-len", type=int, default=128)
+  a("--grad-accum", type=int, default=1,
+    help="micro-batches per optimizer step (optax.MultiSteps)")
+  a("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype")
+  a("--param-dtype", default="fp32", choices=sorted(DTYPES))
+  a("--scan-layers", action="store_true",
+    help="stack the blocks: kernels (layers, in, out), run with nnx.scan")
+  a("--remat", action="store_true", help="activation checkpointing")
+  a("--data", default=None, metavar="PATH",
+    help="text file, directory of text files, or .bin/.npy token ids"
+         " (default: the Python stdlib sources, bytes)")
+  a("--tokenizer", default=None, metavar="PATH",
+    help="local Hugging Face tokenizer.json (default: bytes)")
+  a("--eval-every", type=int, default=100)
+  a("--eval-batches", type=int, default=8)
+  a("--save-every", type=int, default=200, help="checkpoint period (steps)")
+  a("--out", default="runs/llama", help="output directory")
+  a("--resume", action="store_true",
+    help="continue from the latest checkpoint in --out/<method>/ckpt")
+  a("--seed", type=int, default=0)
+  a("--no-progress", action="store_true", help="no progress bar")
+  return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
+  for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every",
+               "eval_batches", "save_every", "update_proj_gap"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be >= 1, got"
+              f" {getattr(args, name)}")
+  if args.rank is not None and args.rank < 1:
+    p.error(f"--rank must be >= 1, got {args.rank}")
+  if args.lr is not None and not args.lr > 0:
+    p.error(f"--lr must be > 0, got {args.lr}")
+  if not 0 <= args.warmup < 1:
+    p.error(f"--warmup must be in [0, 1), got {args.warmup}")
+  if args.clip < 0:
+    p.error(f"--clip must be >= 0, got {args.clip}")
+  if args.compare is not None:
+    methods = [m for m in args.compare.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+      p.error(f"--compare: unknown method(s) {bad or args.compare!r}; known:"
+              f" {', '.join(METHODS)}")
+  if args.init_from is not None and not pathlib.Path(args.init_from).is_dir():
+    p.error(f"--init-from: {args.init_from} is not a directory")
+
+
+# ---------------------------------------------------------------------------
+# Model and method.
+
+
+def build_model(args, vocab: int) -> model_lib.Llama:
+  if args.init_from is not None:
+    cfg = hf.read_config(args.init_from)
+    if vocab > cfg.vocab:
+      raise ValueError(f"the data's vocabulary ({vocab}) is larger than the"
+                       f" checkpoint's ({cfg.vocab}); pass its --tokenizer")
+  else:
+    cfg = dataclasses.replace(model_lib.CONFIGS[args.model], vocab=vocab)
+  model = model_lib.Llama(
+      cfg, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.param_dtype],
+      scan_layers=args.scan_layers, remat=args.remat,
+      rngs=nnx.Rngs(args.seed))
+  if args.init_from is not None:
+    hf.load_into(model, args.init_from)
+  return model
+
+
+def _path(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def target_mask(params: Any) -> Any:
+  """``True`` for the attention and MLP kernels of a params pure dict."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: bool(re.search(TARGET_PARAMS, _path(p))), params)
+
+
+def _count(tree: Any, mask: Any = None) -> int:
+  leaves = jax.tree.leaves(tree)
+  keep = [True] * len(leaves) if mask is None else jax.tree.leaves(mask)
+  return sum(int(np.prod(x.shape)) for x, k in zip(leaves, keep) if k)
+
+
+@dataclasses.dataclass
+class Method:
+  """A method's pieces: ``train`` is what the optimizer updates (quantized
+  INT8 leaves for q_galore), ``frozen`` the rest of the model's state."""
+  name: str
+  graphdef: Any
+  train: Any
+  frozen: Any
+  tx: optax.GradientTransformation
+  groups: dict[str, int]
+  schedule: Any
+
+
+def setup(method: str, model: model_lib.Llama, args) -> Method:
+  """Converts ``model`` for ``method`` and builds its optimizer."""
+  cfg = model.cfg
+  rank = cfg.rank if args.rank is None else args.rank
+  lr = default_lr(method, cfg) if args.lr is None else args.lr
+  warmup = int(args.warmup * args.steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup_steps=warmup, decay_steps=args.steps,
+      end_value=lr * args.min_lr_ratio)
+  if method in ("lora", "qlora"):
+    lora.apply(model, rank, alpha=args.lora_alpha, targets=TARGET_LINEARS,
+               quantize_base="nf4" if method == "qlora" else None,
+               trainable=args.lora_trainable or None,
+               rngs=nnx.Rngs(args.seed + 1))
+  graphdef, train, frozen = nnx.split(model, nnx.Param, ...)
+  train, frozen = nnx.to_pure_dict(train), nnx.to_pure_dict(frozen)
+  mask = target_mask(train)
+  kw = dict(weight_decay=args.weight_decay)
+  galore_kw = dict(rank=rank, update_proj_gap=args.update_proj_gap,
+                   scale=args.galore_scale, projection_mask=mask, **kw)
+  if method == "adamw":
+    tx = optax.adamw(schedule, **kw)
+  elif method == "adamw_8bit":
+    tx = galore_jax.adamw_8bit(schedule, **kw)
+  elif method == "galore":
+    tx = galore_jax.galore_adamw(schedule, **galore_kw)
+  elif method == "galore_8bit":
+    tx = galore_jax.galore_adamw_8bit(schedule, **galore_kw)
+  elif method == "q_galore":
+    tx = galore_jax.q_galore_adamw(schedule, **galore_kw)
+  else:
+    tx = optax.adamw(schedule, **kw)
+  if args.clip:
+    tx = optax.chain(optax.clip_by_global_norm(args.clip), tx)
+  if args.grad_accum > 1:
+    tx = optax.MultiSteps(tx, args.grad_accum)
+  if method in GALORE_METHODS:
+    groups = {f"{method} (attention + MLP kernels, rank {rank})":
+                  _count(train, mask),
+              "adamw (embeddings, norms, head)":
+                  _count(train) - _count(train, mask)}
+  elif method in ("lora", "qlora"):
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda p, _: "lora_" in _path(p), train)
+    groups = {f"{method} adapters (rank {rank})": _count(train, adapters),
+              f"adamw ({args.lora_trainable or 'none'})":
+                  _count(train) - _count(train, adapters),
+              "frozen": _count(frozen)}
+  else:
+    groups = {f"{method} (all params)": _count(train)}
+  if method == "q_galore":
+    train = galore_jax.quantize_params(train, mask=mask)
+  return Method(method, graphdef, train, frozen, tx, groups, schedule)
+
+
+def make_step(m: Method):
+  """The train step ``(train, frozen, opt_state, key, tokens) -> (train,
+  opt_state, key, metrics)``, and the eval loss ``(train, frozen,
+  tokens_NxBxT) -> loss``."""
+  quantized = m.name == "q_galore"
+
+  def loss(params, frozen, tokens_BxT):
+    return model_lib.loss_fn(nnx.merge(m.graphdef, params, frozen), tokens_BxT)
+
+  def step(train, frozen, opt_state, key, tokens_BxT):
+    params = galore_jax.dequantize_params(train) if quantized else train
+    value, grads = jax.value_and_grad(loss)(params, frozen, tokens_BxT)
+    updates, opt_state = m.tx.update(grads, opt_state, params)
+    key, sub = jax.random.split(key)
+    if quantized:
+      train = galore_jax.apply_updates_stochastic(train, updates, sub)
+    else:
+      train = optax.apply_updates(train, updates)
+    metrics = {"loss": value, "grad_norm": optax.global_norm(grads)}
+    return train, opt_state, key, metrics
+
+  def eval_loss(train, frozen, tokens_NxBxT):
+    params = galore_jax.dequantize_params(train) if quantized else train
+    losses = jax.lax.map(lambda t: loss(params, frozen, t), tokens_NxBxT)
+    return losses.mean()
+
+  return step, eval_loss
+
+
+def memory_figures(compiled) -> dict[str, int]:
+  """XLA's memory analysis of a compiled step (bytes)."""
+  ma = compiled.memory_analysis()
+  out = {k: int(getattr(ma, f"{k}_size_in_bytes"))
+         for k in ("argument", "output", "alias", "temp")}
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def device_peak_bytes() -> Optional[int]:
+  stats = jax.local_devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _manager(directory: pathlib.Path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.CheckpointManager(
+      directory.resolve(), options=ocp.CheckpointManagerOptions(
+          max_to_keep=2, create=True, enable_async_checkpointing=False))
+
+
+def _save(mngr, step: int, tree: dict) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
+  mngr.wait_until_finished()
+
+
+def _restore(mngr, step: int, like: dict) -> dict:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
+                                     if not hasattr(x, "dtype") else x.dtype),
+      like)
+  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+# ---------------------------------------------------------------------------
+# One run.
+
+
+class _Interrupt:
+  """Turns the first Ctrl-C into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.hit = False
+
+  def __enter__(self):
+    self._old = signal.signal(signal.SIGINT, self._handler)
+    return self
+
+  def _handler(self, *_):
+    if self.hit:  # second Ctrl-C: give up at once
+      signal.signal(signal.SIGINT, self._old)
+      raise KeyboardInterrupt
+    self.hit = True
+    print("\nCtrl-C: saving a checkpoint after this step (again to abort)",
+          file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGINT, self._old)
+    return False
+
+
+def _progress(total: int, initial: int, disable: bool):
+  if disable:
+    return None
+  try:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return tqdm(total=total, initial=initial, disable=disable, unit="step",
+              dynamic_ncols=True)
+
+
+def run(args, method: str, corpus: data_lib.Corpus) -> dict:
+  """Trains one method; returns its result (also written to result.json)."""
+  out = pathlib.Path(args.out) / method
+  ckpt_dir = out / "ckpt"
+  run_args = {k: getattr(args, k) for k in _STATE_ARGS}
+  run_args["method"] = method
+  if args.resume and (out / "args.json").is_file():
+    saved = json.loads((out / "args.json").read_text())
+    diff = {k: (saved.get(k), v) for k, v in run_args.items()
+            if saved.get(k) != v}
+    if diff:
+      raise ValueError(f"--resume: these settings differ from the saved run"
+                       f" in {out} (saved, now): {diff}")
+  elif out.exists():
+    shutil.rmtree(out)  # a fresh run replaces the old one
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "args.json").write_text(json.dumps(run_args, indent=1))
+
+  model = build_model(args, corpus.vocab_size)
+  n_params = model_lib.count_params(model)
+  m = setup(method, model, args)
+  del model
+  print(f"[{method}] {n_params:,} params; "
+        + "; ".join(f"{k}: {v:,}" for k, v in m.groups.items()), flush=True)
+  opt_state = m.tx.init(galore_jax.dequantize_params(m.train)
+                        if method == "q_galore" else m.train)
+  key = jax.random.PRNGKey(args.seed)
+  state = {"train": m.train, "frozen": m.frozen, "opt_state": opt_state,
+           "key": key, "step": np.int64(0), "position": np.int64(0)}
+
+  mngr = _manager(ckpt_dir)
+  start = 0
+  if args.resume and mngr.latest_step() is not None:
+    start = mngr.latest_step()
+    state = _restore(mngr, start, state)
+    if int(state["step"]) != start:
+      raise ValueError(f"checkpoint {start} in {ckpt_dir} holds step"
+                       f" {int(state['step'])}")
+    print(f"[{method}] resumed from step {start} ({ckpt_dir})", flush=True)
+  elif args.resume:
+    print(f"[{method}] --resume: no checkpoint in {ckpt_dir}; starting fresh",
+          flush=True)
+  train, frozen, opt_state, key = (state["train"], state["frozen"],
+                                   state["opt_state"], state["key"])
+  position = int(state["position"])
+  del state
+
+  step_fn, eval_fn = make_step(m)
+  tokens = jnp.zeros((args.batch_size, args.seq_len + 1), jnp.int32)
+  t0 = time.perf_counter()
+  step = jax.jit(step_fn, donate_argnums=(0, 2, 3)).lower(
+      train, frozen, opt_state, key, tokens).compile()
+  compile_s = time.perf_counter() - t0
+  memory = memory_figures(step)
+  print(f"[{method}] train step compiled in {compile_s:.1f} s; XLA memory:"
+        f" {memory['total'] / 2**20:,.1f} MiB (args {memory['argument']:,},"
+        f" temp {memory['temp']:,} bytes)", flush=True)
+  evaluate = jax.jit(eval_fn)
+  val_tokens = jnp.asarray(data_lib.eval_batches(
+      corpus.val, args.eval_batches, args.batch_size, args.seq_len))
+  tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+
+  metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+  bar = _progress(args.steps, start, args.no_progress)
+  train_time, train_tokens = 0.0, 0
+  last_val = None
+  pending = None  # (step, [micro-step metrics]) not yet checked on the host
+
+  def check(pending):
+    s, ms = pending
+    loss = float(np.mean([float(x["loss"]) for x in ms]))
+    gnorm = float(np.mean([float(x["grad_norm"]) for x in ms]))
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      raise NonFiniteLossError(
+          f"[{method}] non-finite loss {loss} / grad norm {gnorm} at step"
+          f" {s + 1}: stopping. The last good checkpoint is step"
+          f" {mngr.latest_step()} in {ckpt_dir}; lower --lr or set --clip")
+    return s, loss, gnorm
+
+  def log(record):
+    metrics_file.write(json.dumps(record) + "\n")
+
+  def save(s):
+    _save(mngr, s, {"train": train, "frozen": frozen, "opt_state": opt_state,
+                    "key": key, "step": np.int64(s),
+                    "position": np.int64(position)})
+
+  status = "done"
+  seg_start, seg_tokens = time.perf_counter(), 0
+  try:
+    with _Interrupt() as interrupt:
+      for s in range(start, args.steps):
+        micro = []
+        for _ in range(args.grad_accum):
+          batch = data_lib.batch(corpus.train, position, args.batch_size,
+                                 args.seq_len, args.seed)
+          position += 1
+          train, opt_state, key, mt = step(train, frozen, opt_state, key,
+                                           batch)
+          micro.append(mt)
+        seg_tokens += tokens_per_step
+        done, pending = pending, (s, micro)
+        if done is not None:
+          ds, loss, gnorm = check(done)
+          log({"step": ds + 1, "loss": loss, "grad_norm": gnorm,
+               "lr": float(m.schedule(ds))})
+        last = s + 1 == args.steps
+        sync = (last or (s + 1) % args.eval_every == 0
+                or (s + 1) % args.save_every == 0 or interrupt.hit)
+        if sync:
+          ds, loss, gnorm = check(pending)
+          pending = None
+          log({"step": ds + 1, "loss": loss, "grad_norm": gnorm,
+               "lr": float(m.schedule(ds))})
+          # Steady throughput: the first step after a (re)start is left out.
+          now = time.perf_counter()
+          if s > start:
+            train_time += now - seg_start
+            train_tokens += seg_tokens
+          if last or (s + 1) % args.eval_every == 0:
+            val = float(evaluate(train, frozen, val_tokens))
+            last_val = val
+            log({"step": s + 1, "val_loss": val, "val_ppl": math.exp(val)})
+            if bar is None:
+              print(f"[{method}] step {s + 1}: loss {loss:.4f}, val"
+                    f" {val:.4f}", flush=True)
+          if last or (s + 1) % args.save_every == 0 or interrupt.hit:
+            save(s + 1)
+          metrics_file.flush()
+          seg_start, seg_tokens = time.perf_counter(), 0
+          if interrupt.hit and not last:
+            status = "interrupted"
+            print(f"[{method}] saved step {s + 1} to {ckpt_dir}; resume with"
+                  " --resume", file=sys.stderr, flush=True)
+            break
+        if bar is not None:
+          bar.update(1)
+          if done is not None or sync:
+            rate = (train_tokens / train_time if train_time
+                    else float("nan"))
+            post = {"loss": f"{loss:.3f}", "tok/s": f"{rate:,.0f}"}
+            if last_val is not None:
+              post["val"] = f"{last_val:.3f}"
+            bar.set_postfix(post, refresh=False)
+  finally:
+    metrics_file.close()
+    if bar is not None:
+      bar.close()
+
+  result = {
+      "method": method, "model": args.init_from or args.model,
+      "params": n_params, "groups": m.groups,
+      "steps": args.steps if status == "done" else s + 1,
+      "tokens": position * args.batch_size * args.seq_len,
+      "final_val_loss": last_val,
+      "final_val_ppl": None if last_val is None else math.exp(last_val),
+      "tokens_per_s": train_tokens / train_time if train_time else None,
+      "compile_s": compile_s, "xla_memory": memory,
+      "device_peak_bytes": device_peak_bytes(), "status": status,
+      "lr": float(m.schedule(int(args.warmup * args.steps))),
+  }
+  (out / "result.json").write_text(json.dumps(result, indent=1))
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Reports over every run of the output directory.
+
+
+def _runs(out: pathlib.Path) -> list[tuple[str, list[dict], dict]]:
+  runs = []
+  for d in sorted(p for p in out.iterdir() if p.is_dir()):
+    if not (d / "metrics.jsonl").is_file():
+      continue
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines if x.strip()]
+    result = (json.loads((d / "result.json").read_text())
+              if (d / "result.json").is_file() else {})
+    runs.append((d.name, records, result))
+  return runs
+
+
+def plot(out: str | pathlib.Path) -> Optional[pathlib.Path]:
+  """``loss.png``: train (thin) and validation (markers) loss of each run."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(out)
+  runs = _runs(out)
+  if not runs:
+    return None
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for i, (name, records, _) in enumerate(runs):
+    color = f"C{i}"
+    train = {r["step"]: r["loss"] for r in records if "loss" in r}
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    if train:
+      steps = sorted(train)
+      ax.plot(steps, [train[s] for s in steps], color=color, alpha=0.35,
+              linewidth=0.8)
+    if val:
+      steps = sorted(val)
+      ax.plot(steps, [val[s] for s in steps], "o-", color=color,
+              markersize=3, label=f"{name} (val {val[steps[-1]]:.3f})")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats / token)")
+  ax.set_title(f"train (thin) and validation loss: {out}")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  path = out / "loss.png"
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def summary(out: str | pathlib.Path) -> str:
+  """Markdown table of every finished run in ``out`` (also summary.md)."""
+  out = pathlib.Path(out)
+  rows = ["| method | model | steps | tokens | final val loss | val ppl |"
+          " tokens/s | XLA step memory (MiB) | device peak (MiB) |",
+          "|---|---|---|---|---|---|---|---|---|"]
+  fmt = lambda x, f: "-" if x is None else format(x, f)
+  for name, _, r in _runs(out):
+    if not r:
+      continue
+    peak = r.get("device_peak_bytes")
+    rows.append(
+        f"| {name} | {r['model']} | {r['steps']} | {r['tokens']:,} |"
+        f" {fmt(r['final_val_loss'], '.4f')} | {fmt(r['final_val_ppl'], '.2f')}"
+        f" | {fmt(r['tokens_per_s'], ',.0f')} |"
+        f" {r['xla_memory']['total'] / 2**20:,.1f} |"
+        f" {'-' if peak is None else f'{peak / 2**20:,.1f}'} |")
+  text = "\n".join(rows) + "\n"
+  (out / "summary.md").write_text(text)
+  return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = parser()
+  args = p.parse_args(argv)
+  _check_args(p, args)
+  methods = ([x for x in args.compare.split(",") if x] if args.compare
+             else [args.method])
+  try:
+    corpus = data_lib.load(args.data, args.tokenizer)
+    for method in methods:
+      r = run(args, method, corpus)
+      if r["status"] != "done":
+        break
+  except NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  plot(args.out)
+  print(summary(args.out), flush=True)
+  print(f"plot: {pathlib.Path(args.out) / 'loss.png'}", flush=True)
+  return 0 if r["status"] == "done" else 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())
