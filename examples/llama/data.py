@@ -94,6 +94,8 @@ def _read_files(root: pathlib.Path, files: Sequence[pathlib.Path], tokenizer):
     if tokenizer.eos is not None:
       ids = np.append(ids, np.asarray([tokenizer.eos], ids.dtype))
     parts[_is_val(f.relative_to(root).as_posix())].append(ids)
+  if not parts[False] and not parts[True]:
+    return np.zeros(0, np.int32), np.zeros(0, np.int32), n_bytes
   if not parts[False] or not parts[True]:
     # Too few files to split by file: the last 5% of the stream validates.
     ids = np.concatenate(parts[False] + parts[True])
@@ -150,7 +152,7 @@ def load(data: Optional[str] = None, tokenizer: Optional[str] = None,
       cut = int(len(ids) * (1 - VAL_FRACTION))
       train, val, n_bytes = ids[:cut], ids[cut:], path.stat().st_size
       if tokenizer is None and ids.size:
-        tok.vocab_size = max(tok.vocab_size, int(ids.max()) + 1)
+        tok.vocab_size = int(ids.max()) + 1  # ids, not bytes
       files = [path]
       what = f"token ids from {path}"
     else:

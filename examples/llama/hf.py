@@ -131,8 +131,13 @@ def load_into(model: model_lib.Llama, directory: str | pathlib.Path) -> None:
   if not cfg.tie_embeddings:
     _set(params, ("lm_head", "kernel"), take("lm_head.weight", True),
          "lm_head")
-  else:
-    used.add("lm_head.weight")  # HF may store the tied copy too
+  elif "lm_head.weight" in weights:  # HF may store the tied copy too
+    if not np.array_equal(weights["lm_head.weight"],
+                          weights["model.embed_tokens.weight"]):
+      raise ValueError("--init-from: lm_head.weight differs from the"
+                       " embedding, but the model ties them: tensors not"
+                       " used by this model: ['lm_head.weight']")
+    used.add("lm_head.weight")
   for i in range(cfg.layers):
     for path, (name, transpose) in _hf_layer_names(i).items():
       w = take(name, transpose)

@@ -276,7 +276,7 @@ def make_step(m: Method):
       train = galore_jax.apply_updates_stochastic(train, updates, sub)
     else:
       train = optax.apply_updates(train, updates)
-    metrics = {"loss": value, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads)}
     return train, opt_state, key, metrics
 
   def eval_loss(train, frozen, tokens_NxBxT):
@@ -564,11 +564,11 @@ def plot(out: str | pathlib.Path) -> Optional[pathlib.Path]:
     if train:
       steps = sorted(train)
       ax.plot(steps, [train[s] for s in steps], color=color, alpha=0.35,
-              linewidth=0.8)
+              linewidth=0.8, label=f"{name} train")
     if val:
       steps = sorted(val)
       ax.plot(steps, [val[s] for s in steps], "o-", color=color,
-              markersize=3, label=f"{name} (val {val[steps[-1]]:.3f})")
+              markersize=3, label=f"{name} val ({val[steps[-1]]:.3f})")
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats / token)")
   ax.set_title(f"train (thin) and validation loss: {out}")
