@@ -25,12 +25,12 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -338,7 +338,9 @@ class _Interrupt:
     self.hit = False
 
   def __enter__(self):
-    self._old = signal.signal(signal.SIGINT, self._handler)
+    self._old = None
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGINT, self._handler)
     return self
 
   def _handler(self, *_):
@@ -350,7 +352,8 @@ class _Interrupt:
           file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGINT, self._old)
+    if self._old is not None:
+      signal.signal(signal.SIGINT, self._old)
     return False
 
 
@@ -479,11 +482,10 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
           pending = None
           log({"step": ds + 1, "loss": loss, "grad_norm": gnorm,
                "lr": float(m.schedule(ds))})
-          # Steady throughput: the first step after a (re)start is left out.
-          now = time.perf_counter()
-          if s > start:
-            train_time += now - seg_start
-            train_tokens += seg_tokens
+          # Steady throughput: training segments only (the step is compiled
+          # ahead of time; evaluation and checkpoints are not counted).
+          train_time += time.perf_counter() - seg_start
+          train_tokens += seg_tokens
           if last or (s + 1) % args.eval_every == 0:
             val = float(evaluate(train, frozen, val_tokens))
             last_val = val
@@ -508,6 +510,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
             post = {"loss": f"{loss:.3f}", "tok/s": f"{rate:,.0f}"}
             if last_val is not None:
               post["val"] = f"{last_val:.3f}"
+              post["ppl"] = f"{math.exp(last_val):.2f}"
             bar.set_postfix(post, refresh=False)
   finally:
     metrics_file.close()
