@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 import galore_jax
@@ -306,24 +307,19 @@ def device_peak_bytes() -> Optional[int]:
 
 
 def _manager(directory: pathlib.Path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   return ocp.CheckpointManager(
       directory.resolve(), options=ocp.CheckpointManagerOptions(
           max_to_keep=2, create=True, enable_async_checkpointing=False))
 
 
 def _save(mngr, step: int, tree: dict) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
   mngr.wait_until_finished()
 
 
 def _restore(mngr, step: int, like: dict) -> dict:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
-                                     if not hasattr(x, "dtype") else x.dtype),
-      like)
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
