@@ -7,14 +7,16 @@ full-rank weights, low-rank gradients.
 
   python examples/mnist/train.py --methods all --ranks 4,16,64,256 --epochs 5
 
-Methods (Adam, lr 1e-3, batch 128, no weight decay, for all):
+Methods (Adam, batch 128, no weight decay, cosine decay of the learning rate
+over all steps, for all; peak lr 1e-3, and the GaLore paper's recipe for
+GaLore and Q-GaLore: lr 0.01 with scale 0.25):
 
 * ``full``: full-rank layers, ``optax.adamw``.
 * ``adamw_8bit``: full-rank layers, ``galore_jax.adamw_8bit``.
 * ``lowrank-lora-init`` / ``lowrank-default-init``: every layer with
   ``rank < min(in, out)`` becomes ``galore_jax.lora.LowRankLinear`` (``init=
   "lora"`` / ``"default"``), trained in full.
-* ``galore``: full-rank layers, ``galore_adamw`` (rank, gap 200, scale 1):
+* ``galore``: full-rank layers, ``galore_adamw`` (rank, gap 200, scale 0.25):
   the kernels with both sides above the rank are projected.
 * ``q_galore``: ``q_galore_adamw`` with INT8 kernels updated by stochastic
   rounding (``quantize_params`` / ``apply_updates_stochastic``).
@@ -85,7 +87,8 @@ def adapted_layers(rank: int) -> list[int]:
           if rank < min(a, b)]
 
 
-def build(method: str, rank: Optional[int], args, key_seed: int):
+def build(method: str, rank: Optional[int], args, key_seed: int,
+          total_steps: int = 1):
   """``(graphdef, train, frozen, tx, quantized)`` for one run."""
   rngs = nnx.Rngs(key_seed)
   if method.startswith("lowrank"):
@@ -104,18 +107,22 @@ def build(method: str, rank: Optional[int], args, key_seed: int):
   graphdef, train, frozen = nnx.split(model, nnx.Param, ...)
   train, frozen = nnx.to_pure_dict(train), nnx.to_pure_dict(frozen)
   kw = dict(weight_decay=0.0)
+  peak = args.lr if args.lr is not None else (
+      1e-2 if method in ("galore", "q_galore") else 1e-3)
+  lr = (optax.cosine_decay_schedule(peak, total_steps)
+        if args.schedule == "cosine" else peak)
   if method == "adamw_8bit":
-    tx = galore_jax.adamw_8bit(args.lr, **kw)
+    tx = galore_jax.adamw_8bit(lr, **kw)
   elif method == "galore":
-    tx = galore_jax.galore_adamw(args.lr, rank=rank,
+    tx = galore_jax.galore_adamw(lr, rank=rank,
                                  update_proj_gap=args.update_proj_gap,
                                  scale=args.galore_scale, **kw)
   elif method == "q_galore":
-    tx = galore_jax.q_galore_adamw(args.lr, rank=rank,
+    tx = galore_jax.q_galore_adamw(lr, rank=rank,
                                    update_proj_gap=args.update_proj_gap,
                                    scale=args.galore_scale, **kw)
   else:
-    tx = optax.adamw(args.lr, **kw)
+    tx = optax.adamw(lr, **kw)
   quantized = method == "q_galore"
   if quantized:
     train = galore_jax.quantize_params(train)  # the kernels: INT8
@@ -172,8 +179,9 @@ def _progress(desc: str, total: int, disable: bool):
 def run_one(method: str, rank: Optional[int], data, args) -> dict:
   """Trains one (method, rank); returns its record."""
   x_train, y_train, x_test, y_test = data
+  steps = args.epochs * (len(x_train) // args.batch_size)
   graphdef, train, frozen, tx, quantized = build(method, rank, args,
-                                                 args.seed)
+                                                 args.seed, steps)
   trainable = sum(x.size for x in jax.tree.leaves(
       galore_jax.dequantize_params(train) if quantized else train))
   opt_state = tx.init(galore_jax.dequantize_params(train) if quantized
@@ -358,9 +366,13 @@ def parser() -> argparse.ArgumentParser:
     help="ranks for the rank-taking methods (2,4,...,256)")
   a("--epochs", type=int, default=5)
   a("--batch-size", type=int, default=128)
-  a("--lr", type=float, default=1e-3)
+  a("--lr", type=float, default=None,
+    help="peak learning rate (default: the GaLore paper's recipe, 0.01 with"
+         " --galore-scale 0.25 for galore and q_galore; 1e-3 otherwise)")
+  a("--schedule", default="cosine", choices=("cosine", "constant"),
+    help="cosine: decay to 0 over all the steps")
   a("--update-proj-gap", type=int, default=200)
-  a("--galore-scale", type=float, default=1.0)
+  a("--galore-scale", type=float, default=0.25)
   a("--seed", type=int, default=0)
   a("--data", default=None, metavar="PATH",
     help="mnist.npz or a directory of the four IDX files (default:"
