@@ -186,3 +186,19 @@ def test_cli_errors(capsys, tmp_path):
     assert e.value.code == 2 and msg in capsys.readouterr().err
   assert train_lib.main(["--data", str(tmp_path / "none.npz")]) == 2
   assert "does not exist" in capsys.readouterr().err
+
+
+def test_deterministic_with_seed(mnist_path, tmp_path):
+  def run(out, seed):
+    args = ["--methods", "full,q_galore", "--ranks", "16", "--epochs", "1",
+            "--train-limit", "512", "--out", str(out), "--no-progress",
+            "--seed", str(seed)]
+    if mnist_path is not None:
+      args += ["--data", str(mnist_path)]
+    assert train_lib.main(args) == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    return [(r["accuracy"], r["train_loss"]) for r in map(json.loads, lines)]
+
+  first = run(tmp_path / "a", 0)
+  assert run(tmp_path / "b", 0) == first
+  assert run(tmp_path / "c", 1) != first
