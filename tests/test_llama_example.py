@@ -400,6 +400,8 @@ def test_compare_writes_plot_and_summary(tmp_path):
 def test_cli_errors(tmp_path, capsys):
   for bad, msg in [(["--compare", "adamw,sgd"], "unknown method"),
                    (["--steps", "0"], "--steps must be >= 1"),
+                   (["--galore-scale", "0"], "--galore-scale must be > 0"),
+                   (["--warmup", "1"], "--warmup must be in [0, 1)"),
                    (["--init-from", str(tmp_path / "x")], "not a directory"),
                    (["--method", "sgd"], "invalid choice")]:
     with pytest.raises(SystemExit) as e:

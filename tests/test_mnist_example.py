@@ -180,7 +180,9 @@ def test_cli_errors(capsys, tmp_path):
   for bad, msg in [(["--methods", "full,sgd"], "unknown"),
                    (["--ranks", "4,x"], "expected integers"),
                    (["--ranks", "0"], "ranks must be positive"),
-                   (["--epochs", "0"], "--epochs must be >= 1")]:
+                   (["--epochs", "0"], "--epochs must be >= 1"),
+                   (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+                   (["--train-limit", "10"], "--train-limit must be >=")]:
     with pytest.raises(SystemExit) as e:
       train_lib.main(bad)
     assert e.value.code == 2 and msg in capsys.readouterr().err

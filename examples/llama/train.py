@@ -140,6 +140,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
     p.error(f"--rank must be >= 1, got {args.rank}")
   if args.lr is not None and not args.lr > 0:
     p.error(f"--lr must be > 0, got {args.lr}")
+  if not args.galore_scale > 0:
+    p.error(f"--galore-scale must be > 0, got {args.galore_scale}")
   if not 0 <= args.warmup < 1:
     p.error(f"--warmup must be in [0, 1), got {args.warmup}")
   if args.clip < 0:

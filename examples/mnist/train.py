@@ -396,6 +396,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for name in ("epochs", "batch_size", "update_proj_gap"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1")
+  for name in ("lr", "galore_scale"):
+    value = getattr(args, name)
+    if value is not None and not value > 0:
+      p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
   if args.train_limit is not None and args.train_limit < args.batch_size:
     p.error(f"--train-limit must be >= --batch-size ({args.batch_size})")
   try:
