@@ -57,6 +57,10 @@ def scale_by_galore(
     mask: Any = None,
     dim_numbers: Any = None,
     projector_dtype: Any = None,
+    svd: str = "exact",
+    power_iters: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   r"""Runs ``base`` on gradients projected to a low-rank subspace (GaLore).
 
@@ -94,6 +98,19 @@ def scale_by_galore(
       are ``(in, out)``, leading axes are batch axes with one projector each.
     projector_dtype: dtype of the stored projectors. Default: the gradient's
       dtype, as official. The SVD always runs in float32.
+    svd: how a refresh finds the top singular vectors. ``"exact"``
+      (default, official): a full SVD. ``"randomized"``: a Gaussian range
+      finder with ``rank + oversample`` columns and ``power_iters`` power
+      iterations, then a small SVD (the Gaussian comes from ``seed`` and the
+      step count, so runs and resumes repeat). ``"subspace_iteration"``:
+      warm-started from the current projector, ``power_iters``
+      multiplications by :math:`G G^\top` and a QR of an ``m x r`` matrix,
+      then a small SVD; the first refresh (step 0) is exact. See
+      :func:`galore_jax.projection.range_projectors`.
+    power_iters: power iterations of the non-exact methods; default 1 for
+      ``"randomized"``, 2 for ``"subspace_iteration"``.
+    oversample: extra columns of the randomized range finder.
+    seed: seed of the randomized range finder.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`GaLoreState`.
@@ -127,11 +144,31 @@ def scale_by_galore(
   def init_leaf(x, spec):
     return projection.zero_projectors(spec, dtype_of(x.dtype))
 
+  if power_iters is None:
+    power_iters = projection.DEFAULT_POWER_ITERS.get(svd, 1)
+  projection.check_svd(svd, power_iters, oversample)
+  _validation.concrete_number("seed", seed, integer=True)
+
+  def refresh(g2, proj, spec, count):
+    dtype = dtype_of(g2.dtype)
+    exact = lambda: projection.svd_projectors(g2, spec, dtype)
+    if svd == "exact":
+      return exact()
+    if svd == "randomized":
+      key = jax.random.fold_in(jax.random.key(seed), count)
+      return projection.range_projectors(
+          g2, spec, dtype, key=key, power_iters=power_iters,
+          oversample=oversample)
+    warm = lambda: projection.range_projectors(
+        g2, spec, dtype, start=projection.current_basis(proj, spec),
+        power_iters=power_iters)
+    return jax.lax.cond(count == 0, exact, warm)
+
   def update_leaf(g2, entry, spec, count):
     proj = projection.as_projectors(entry, spec)
     proj = jax.lax.cond(
         count % update_proj_gap == 0,
-        lambda: projection.svd_projectors(g2, spec, dtype_of(g2.dtype)),
+        lambda: refresh(g2, proj, spec, count),
         lambda: proj,
     )
     return proj, proj
@@ -355,6 +392,10 @@ def galore_adamw(
     mu_dtype: Any = None,
     nesterov: bool = False,
     hf_eps: bool = False,
+    svd: str = "exact",
+    power_iters: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   r"""AdamW with its moments in GaLore's low-rank subspace.
 
@@ -378,7 +419,8 @@ def galore_adamw(
     weight_decay: decoupled weight decay, applied in full space.
     mask: weight-decay mask (``optax.adamw``'s convention).
     projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
-    dim_numbers, projector_dtype: see :func:`scale_by_galore`.
+    dim_numbers, projector_dtype, svd, power_iters, oversample, seed: see
+      :func:`scale_by_galore`.
     hf_eps: use the HF/official eps placement (:func:`scale_by_adam_hf`);
       then ``eps_root`` and ``nesterov`` must keep their defaults.
 
@@ -418,7 +460,8 @@ def galore_adamw(
       learning_rate, base, weight_decay, mask,
       dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
            proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype))
+           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
+           oversample=oversample, seed=seed))
 
 
 def galore_adamw_8bit(
