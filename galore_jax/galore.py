@@ -479,6 +479,10 @@ def galore_adamw_8bit(
     projection_mask: Any = None,
     dim_numbers: Any = None,
     projector_dtype: Any = None,
+    svd: str = "exact",
+    power_iters: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
     block_size: int = 256,
     min_8bit_size: int = 4096,
 ) -> optax.GradientTransformation:
@@ -493,7 +497,8 @@ def galore_adamw_8bit(
     b1, b2, eps, block_size, min_8bit_size: see
       :func:`~galore_jax.scale_by_adam_8bit`.
     weight_decay, mask: decoupled weight decay and its mask.
-    projection_mask, dim_numbers, projector_dtype: see :func:`scale_by_galore`.
+    projection_mask, dim_numbers, projector_dtype, svd, power_iters,
+      oversample, seed: see :func:`scale_by_galore`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -517,7 +522,8 @@ def galore_adamw_8bit(
       learning_rate, base, weight_decay, mask,
       dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
            proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype))
+           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
+           oversample=oversample, seed=seed))
 
 
 def galore_adam(
@@ -534,6 +540,10 @@ def galore_adam(
     projection_mask: Any = None,
     dim_numbers: Any = None,
     projector_dtype: Any = None,
+    svd: str = "exact",
+    power_iters: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
     mu_dtype: Any = None,
     nesterov: bool = False,
     hf_eps: bool = False,
@@ -549,7 +559,8 @@ def galore_adam(
   return galore_adamw(
       learning_rate, rank, update_proj_gap, scale, proj_type, b1, b2, eps,
       eps_root, weight_decay=0.0, projection_mask=projection_mask,
-      dim_numbers=dim_numbers, projector_dtype=projector_dtype,
+      dim_numbers=dim_numbers, projector_dtype=projector_dtype, svd=svd,
+      power_iters=power_iters, oversample=oversample, seed=seed,
       mu_dtype=mu_dtype, nesterov=nesterov, hf_eps=hf_eps)
 
 
@@ -570,6 +581,10 @@ def galore_adafactor(
     projection_mask: Any = None,
     dim_numbers: Any = None,
     projector_dtype: Any = None,
+    svd: str = "exact",
+    power_iters: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   """Adafactor with its factored second moment in GaLore's subspace.
 
@@ -585,7 +600,8 @@ def galore_adafactor(
     clipping_threshold: clip each update to this block RMS (None: off).
     momentum: optional first-moment decay, in the subspace.
     weight_decay, mask: decoupled weight decay and its mask.
-    projection_mask, dim_numbers, projector_dtype: see :func:`scale_by_galore`.
+    projection_mask, dim_numbers, projector_dtype, svd, power_iters,
+      oversample, seed: see :func:`scale_by_galore`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -611,7 +627,8 @@ def galore_adafactor(
       learning_rate, optax.chain(*parts), weight_decay, mask,
       dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
            proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype))
+           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
+           oversample=oversample, seed=seed))
 
 
 def galore_lion(
@@ -628,6 +645,10 @@ def galore_lion(
     projection_mask: Any = None,
     dim_numbers: Any = None,
     projector_dtype: Any = None,
+    svd: str = "exact",
+    power_iters: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
     mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """Lion with its momentum in GaLore's subspace (``optax.lion``'s defaults).
@@ -647,7 +668,8 @@ def galore_lion(
       learning_rate, base, weight_decay, mask,
       dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
            proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype))
+           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
+           oversample=oversample, seed=seed))
 
 
 def galore_sgd(
@@ -664,6 +686,10 @@ def galore_sgd(
     projection_mask: Any = None,
     dim_numbers: Any = None,
     projector_dtype: Any = None,
+    svd: str = "exact",
+    power_iters: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   """SGD (optionally with momentum, kept in GaLore's subspace).
 
@@ -685,4 +711,5 @@ def galore_sgd(
       learning_rate, base, weight_decay, mask,
       dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
            proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype))
+           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
+           oversample=oversample, seed=seed))

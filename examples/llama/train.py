@@ -58,7 +58,8 @@ TARGET_PARAMS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)/kernel$"
 TARGET_LINEARS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)$"
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # Args that set the shapes of the saved state: a resumed run must match them.
-_STATE_ARGS = ("model", "init_from", "method", "rank", "dtype", "param_dtype",
+_STATE_ARGS = ("model", "init_from", "method", "rank", "svd", "dtype",
+               "param_dtype",
                "scan_layers", "batch_size", "seq_len", "grad_accum", "seed",
                "data", "tokenizer", "lora_alpha", "lora_trainable")
 
@@ -94,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     help="GaLore / LoRA rank (default: the config's recipe rank)")
   a("--update-proj-gap", type=int, default=200)
   a("--galore-scale", type=float, default=0.25)
+  a("--svd", default="exact", choices=("exact", "randomized",
+                                       "subspace_iteration"),
+    help="how galore / galore_8bit refresh their projectors")
   a("--lora-alpha", type=float, default=None, help="default: the rank")
   a("--lora-trainable", default="embed|norm|lm_head",
     help="regex of params LoRA / QLoRA train in full ('' for none)")
@@ -231,9 +235,9 @@ def setup(method: str, model: model_lib.Llama, args) -> Method:
   elif method == "adamw_8bit":
     tx = galore_jax.adamw_8bit(schedule, **kw)
   elif method == "galore":
-    tx = galore_jax.galore_adamw(schedule, **galore_kw)
+    tx = galore_jax.galore_adamw(schedule, svd=args.svd, **galore_kw)
   elif method == "galore_8bit":
-    tx = galore_jax.galore_adamw_8bit(schedule, **galore_kw)
+    tx = galore_jax.galore_adamw_8bit(schedule, svd=args.svd, **galore_kw)
   elif method == "q_galore":
     tx = galore_jax.q_galore_adamw(schedule, **galore_kw)
   else:
