@@ -61,6 +61,7 @@ def scale_by_galore(
     power_iters: Optional[int] = None,
     oversample: int = 8,
     seed: int = 0,
+    stagger: bool = False,
 ) -> optax.GradientTransformation:
   r"""Runs ``base`` on gradients projected to a low-rank subspace (GaLore).
 
@@ -111,6 +112,11 @@ def scale_by_galore(
       ``"randomized"``, 2 for ``"subspace_iteration"``.
     oversample: extra columns of the randomized range finder.
     seed: seed of the randomized range finder.
+    stagger: spread the refreshes over the gap: the ``i``-th of ``n``
+      projected leaves refreshes when ``count % update_proj_gap == i *
+      update_proj_gap // n`` (and at step 0, to start), so no step
+      recomputes every projector at once. A stacked ``(L, in, out)`` leaf
+      refreshes its ``L`` projectors together.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`GaLoreState`.
@@ -147,6 +153,8 @@ def scale_by_galore(
   if power_iters is None:
     power_iters = projection.DEFAULT_POWER_ITERS.get(svd, 1)
   projection.check_svd(svd, power_iters, oversample)
+  if not isinstance(stagger, bool):
+    raise TypeError(f"`stagger` must be a bool, got {stagger!r}")
   _validation.concrete_number("seed", seed, integer=True)
 
   def refresh(g2, proj, spec, count):
@@ -164,10 +172,15 @@ def scale_by_galore(
         power_iters=power_iters)
     return jax.lax.cond(count == 0, exact, warm)
 
-  def update_leaf(g2, entry, spec, count):
+  def update_leaf(g2, entry, spec, count, position=(0, 1)):
     proj = projection.as_projectors(entry, spec)
+    due = count % update_proj_gap == 0
+    if stagger:  # leaf i of n refreshes at its own phase i K / n, and at 0
+      index, total = position
+      phase = (index * update_proj_gap) // total
+      due = (count % update_proj_gap == phase) | (count == 0)
     proj = jax.lax.cond(
-        count % update_proj_gap == 0,
+        due,
         lambda: refresh(g2, proj, spec, count),
         lambda: proj,
     )
@@ -189,9 +202,10 @@ class ProjectorRule(NamedTuple):
   Attributes:
     init: ``(leaf, spec) -> entry``, the leaf's projector state (arrays, or
       ``optax.MaskedNode``); ``leaf`` has the param's shape and dtype.
-    update: ``(g, entry, spec, count) -> (projectors, entry)``: given the
-      matrix view ``g`` of the gradient (``batch + (rows, cols)``), the
-      current entry and the step count, the float
+    update: ``(g, entry, spec, count, position) -> (projectors, entry)``:
+      given the matrix view ``g`` of the gradient (``batch + (rows, cols)``),
+      the current entry, the step count and ``position = (index, total)``
+      of this leaf among the projected leaves, the float
       :class:`~galore_jax.projection.Projectors` to use this step and the new
       entry. Runs under ``jit``: refresh with ``lax.cond``.
     dtype: ``leaf dtype -> dtype`` of the projectors ``update`` returns.
@@ -261,6 +275,7 @@ def scale_by_subspace(
     del params
     grads, treedef, specs = resolve(updates)
     entries = treedef.flatten_up_to(state.projector)
+    num_projected = sum(spec is not None for spec in specs)
 
     low_rank, projectors, new_entries = [], [], []
     for g, entry, spec in zip(grads, entries, specs):
@@ -270,7 +285,9 @@ def scale_by_subspace(
         new_entries.append(optax.MaskedNode())
         continue
       g2 = projection.to_matrix(g, spec)
-      proj, entry = rule.update(g2, entry, spec, state.count)
+      proj, entry = rule.update(g2, entry, spec, state.count,
+                                (len(projectors) - projectors.count(None),
+                                 num_projected))
       projectors.append(proj)
       new_entries.append(entry)
       low_rank.append(projection.project(g2, proj, spec))
@@ -396,6 +413,7 @@ def galore_adamw(
     power_iters: Optional[int] = None,
     oversample: int = 8,
     seed: int = 0,
+    stagger: bool = False,
 ) -> optax.GradientTransformation:
   r"""AdamW with its moments in GaLore's low-rank subspace.
 
@@ -419,8 +437,8 @@ def galore_adamw(
     weight_decay: decoupled weight decay, applied in full space.
     mask: weight-decay mask (``optax.adamw``'s convention).
     projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
-    dim_numbers, projector_dtype, svd, power_iters, oversample, seed: see
-      :func:`scale_by_galore`.
+    dim_numbers, projector_dtype, svd, power_iters, oversample, seed,
+      stagger: see :func:`scale_by_galore`.
     hf_eps: use the HF/official eps placement (:func:`scale_by_adam_hf`);
       then ``eps_root`` and ``nesterov`` must keep their defaults.
 
@@ -461,7 +479,7 @@ def galore_adamw(
       dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
            proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
            projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
-           oversample=oversample, seed=seed))
+           oversample=oversample, seed=seed, stagger=stagger))
 
 
 def galore_adamw_8bit(

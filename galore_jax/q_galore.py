@@ -284,7 +284,8 @@ def scale_by_q_galore(
       one = jax.vmap(one)
     return one(st.codes, st.scales, st.zeros)
 
-  def update_leaf(g2, entry, spec, count):
+  def update_leaf(g2, entry, spec, count, position=(0, 1)):
+    del position  # every layer follows its own adaptive gap
     st = as_state(entry, spec)
     due = count % st.gap == 0
     nb = len(spec.batch_shape)

@@ -188,6 +188,45 @@ def test_randomized_is_deterministic_per_seed():
   assert not np.array_equal(a, _train("randomized", seed=2)[0]["w"])
 
 
+def _refresh_steps(stagger, gap=3, steps=13):
+  """For each of 6 projected leaves, the steps at which it refreshed."""
+  params = {f"w{i}": jax.random.normal(jax.random.key(i), (12, 8))
+            for i in range(6)}
+  opt = galore_jax.galore_adamw(1e-2, rank=2, update_proj_gap=gap,
+                                stagger=stagger)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  seen = {k: [] for k in params}
+  prev = None
+  for t in range(steps):
+    grads = {k: jax.random.normal(jax.random.key(100 * t + i), (12, 8))
+             for i, k in enumerate(params)}
+    _, state = update(grads, state, params)
+    now = {k: np.asarray(jax.tree.leaves(p)[0])
+           for k, p in state[0].projector.items()}
+    for k in params:
+      if prev is None or not np.array_equal(now[k], prev[k]):
+        seen[k].append(t)
+    prev = now
+  return seen
+
+
+def test_stagger_refreshes_each_leaf_once_per_gap():
+  gap, steps = 3, 13
+  plain, staggered = _refresh_steps(False), _refresh_steps(True)
+  assert all(v == [0, 3, 6, 9, 12] for v in plain.values())
+  per_step = [sum(t in v for v in staggered.values()) for t in range(steps)]
+  assert per_step[0] == 6  # every leaf starts with a projector
+  assert max(per_step[1:]) == 2  # 6 leaves over 3 phases, never all at once
+  for k, v in staggered.items():
+    later = [t for t in v if t > 0]
+    phase = later[0] % gap
+    assert later == list(range(phase if phase else gap, steps, gap)), (k, v)
+    for start in range(1, steps - gap + 1):  # once in every window of K
+      assert sum(start <= t < start + gap for t in v) == 1
+  assert sorted(v[1] % gap for v in staggered.values()) == [0, 0, 1, 1, 2, 2]
+
+
 def test_inject_hyperparams_with_static_refresh_settings():
   opt = optax.inject_hyperparams(
       galore_jax.galore_adamw,
@@ -214,5 +253,7 @@ def test_inject_hyperparams_with_static_refresh_settings():
 def test_bad_refresh_settings(kw, msg):
   with pytest.raises(ValueError, match=msg):
     galore_jax.scale_by_galore(rank=4, **kw)
+  with pytest.raises(TypeError, match="`stagger` must be a bool"):
+    galore_jax.scale_by_galore(rank=4, stagger="yes")
 
 
