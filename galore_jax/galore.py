@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
@@ -62,6 +64,7 @@ def scale_by_galore(
     oversample: int = 8,
     seed: int = 0,
     stagger: bool = False,
+    on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
   r"""Runs ``base`` on gradients projected to a low-rank subspace (GaLore).
 
@@ -117,6 +120,15 @@ def scale_by_galore(
       update_proj_gap // n`` (and at step 0, to start), so no step
       recomputes every projector at once. A stacked ``(L, in, out)`` leaf
       refreshes its ``L`` projectors together.
+    on_refresh: what happens to ``base``'s moments (float ``mu`` / ``nu``
+      fields, as in ``optax.scale_by_adam``) of a leaf whose projectors
+      changed. ``"keep"`` (default, official): nothing. ``"reset"``: they
+      restart from zero. ``"transport"``: they are carried into the new
+      basis, :math:`m \leftarrow R m` and :math:`v \leftarrow (R \odot R)
+      v` with :math:`R = P_{new}^\top P_{old}` (``row`` side; the ``col``
+      side acts on columns), the second moment clipped at 0: exact for
+      :math:`m` within the old subspace, and for :math:`v` the variance of
+      :math:`R g` when the old coordinates are uncorrelated.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`GaLoreState`.
@@ -186,10 +198,14 @@ def scale_by_galore(
     )
     return proj, proj
 
+  def read_leaf(entry, spec, dtype):
+    del dtype
+    return projection.as_projectors(entry, spec)
+
   return scale_by_subspace(
-      ProjectorRule(init_leaf, update_leaf, dtype_of), rank=rank,
+      ProjectorRule(init_leaf, update_leaf, dtype_of, read_leaf), rank=rank,
       scale=scale, proj_type=proj_type, base=base, mask=mask,
-      dim_numbers=dim_numbers, state_type=GaLoreState)
+      dim_numbers=dim_numbers, state_type=GaLoreState, on_refresh=on_refresh)
 
 
 class ProjectorRule(NamedTuple):
@@ -209,11 +225,14 @@ class ProjectorRule(NamedTuple):
       :class:`~galore_jax.projection.Projectors` to use this step and the new
       entry. Runs under ``jit``: refresh with ``lax.cond``.
     dtype: ``leaf dtype -> dtype`` of the projectors ``update`` returns.
+    read: ``(entry, spec, dtype) -> projectors``, the float projectors an
+      entry holds now (needed by ``on_refresh`` other than ``"keep"``).
   """
 
   init: Callable[[Any, projection.LeafSpec], Any]
   update: Callable[..., tuple[projection.Projectors, Any]]
   dtype: Callable[[Any], Any]
+  read: Optional[Callable[..., projection.Projectors]] = None
 
 
 def scale_by_subspace(
@@ -226,6 +245,7 @@ def scale_by_subspace(
     mask: Any,
     dim_numbers: Any,
     state_type: Callable[..., Any] = GaLoreState,
+    on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
   """Runs ``base`` in the subspaces that ``rule`` maintains, per leaf.
 
@@ -249,6 +269,11 @@ def scale_by_subspace(
         f"`base` must be an optax.GradientTransformation, got {base!r}"
     )
 
+  check_on_refresh(on_refresh)
+  if on_refresh != "keep" and rule.read is None:
+    raise ValueError(f"on_refresh={on_refresh!r} needs a rule that can read"
+                     " its current projectors")
+
   def resolve(tree):
     return projection.resolve_specs(
         tree, rank=rank, mask=mask, dim_numbers=dim_numbers,
@@ -265,10 +290,13 @@ def scale_by_subspace(
       entries.append(rule.init(x, spec))
       dtype = jnp.promote_types(x.dtype, rule.dtype(x.dtype))
       low_rank.append(jnp.zeros(spec.low_rank_shape, dtype))
+    base_state = base.init(treedef.unflatten(low_rank))
+    if on_refresh != "keep":
+      _moment_fields(base_state, treedef, on_refresh)  # fails early if none
     return state_type(
         count=jnp.zeros([], jnp.int32),
         projector=treedef.unflatten(entries),
-        base_state=base.init(treedef.unflatten(low_rank)),
+        base_state=base_state,
     )
 
   def update_fn(updates, state, params=None):
@@ -277,23 +305,30 @@ def scale_by_subspace(
     entries = treedef.flatten_up_to(state.projector)
     num_projected = sum(spec is not None for spec in specs)
 
-    low_rank, projectors, new_entries = [], [], []
+    low_rank, projectors, new_entries, moves = [], [], [], []
     for g, entry, spec in zip(grads, entries, specs):
       if spec is None:
         low_rank.append(g)
         projectors.append(None)
         new_entries.append(optax.MaskedNode())
+        moves.append(None)
         continue
       g2 = projection.to_matrix(g, spec)
+      old = (None if on_refresh == "keep"
+             else rule.read(entry, spec, jnp.float32))
       proj, entry = rule.update(g2, entry, spec, state.count,
                                 (len(projectors) - projectors.count(None),
                                  num_projected))
       projectors.append(proj)
       new_entries.append(entry)
+      moves.append(None if old is None else _basis_change(old, proj, spec))
       low_rank.append(projection.project(g2, proj, spec))
 
+    base_state = state.base_state
+    if on_refresh != "keep":
+      base_state = _move_moments(base_state, treedef, moves, on_refresh)
     low_updates, base_state = base.update(
-        treedef.unflatten(low_rank), state.base_state, None)
+        treedef.unflatten(low_rank), base_state, None)
     low_updates = treedef.flatten_up_to(low_updates)
 
     out = []
@@ -310,6 +345,115 @@ def scale_by_subspace(
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+ON_REFRESH = ("keep", "reset", "transport")
+
+
+def check_on_refresh(on_refresh: Any) -> str:
+  if on_refresh not in ON_REFRESH:
+    raise ValueError(f"`on_refresh` must be one of"
+                     f" {', '.join(map(repr, ON_REFRESH))}, got {on_refresh!r}")
+  return on_refresh
+
+
+def _basis_change(old: projection.Projectors, new: projection.Projectors,
+                  spec: projection.LeafSpec):
+  """``(rot_row, rot_col, refreshed)`` taking old coordinates to new ones.
+
+  ``rot_row = new_row old_rowᵀ`` (``r x r``) acts on the rows of the
+  low-rank coordinates, ``rot_col = new_colᵀ old_col`` on their columns;
+  ``refreshed`` (one bool per batch matrix) is False where the projectors
+  did not change, and there the rotations are exactly the identity.
+  """
+  f32 = lambda x: x.astype(jnp.float32)
+  eye = jnp.eye(spec.rank, dtype=jnp.float32)
+  changed, rots = [], []
+  for side in ("row", "col"):
+    if not (spec.use_row if side == "row" else spec.use_col):
+      rots.append(None)
+      continue
+    o, n = f32(getattr(old, side)), f32(getattr(new, side))
+    changed.append(jnp.any(o != n, axis=(-2, -1)))
+    rots.append(jnp.matmul(n, jnp.swapaxes(o, -1, -2)) if side == "row"
+                else jnp.matmul(jnp.swapaxes(n, -1, -2), o))
+  refreshed = functools.reduce(jnp.logical_or, changed)
+  keep = lambda rot: None if rot is None else jnp.where(
+      refreshed[..., None, None], rot, eye)
+  return keep(rots[0]), keep(rots[1]), refreshed
+
+
+def _moment_fields(base_state: Any, treedef, on_refresh: str) -> list:
+  """Paths to the ``mu`` / ``nu`` fields of ``base_state`` that hold float
+  moments with the low-rank tree's structure."""
+  found = []
+
+  def visit(node, path):
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      for name in node._fields:
+        child = getattr(node, name)
+        if name in ("mu", "nu") and jax.tree.structure(child) == treedef:
+          if all(jnp.issubdtype(x.dtype, jnp.floating)
+                 for x in jax.tree.leaves(child)):
+            found.append(path + (name,))
+            continue
+        visit(child, path + (name,))
+    elif isinstance(node, (tuple, list)):
+      for i, child in enumerate(node):
+        visit(child, path + (i,))
+
+  visit(base_state, ())
+  if not found:
+    raise ValueError(
+        f"on_refresh={on_refresh!r} moves the base optimizer's moments, but"
+        " its state has no float `mu` / `nu` fields shaped like the"
+        " projected gradients (e.g. 8-bit moments); use a float Adam base or"
+        " on_refresh='keep'")
+  return found
+
+
+def _move(x, move, second: bool, on_refresh: str):
+  rot_row, rot_col, refreshed = move
+  if on_refresh == "reset":
+    return jnp.where(refreshed[..., None, None], jnp.zeros_like(x), x)
+  m = x.astype(jnp.float32)
+  sq = (lambda r: r * r) if second else (lambda r: r)
+  if rot_row is not None:
+    m = jnp.matmul(sq(rot_row), m)
+  if rot_col is not None:
+    m = jnp.matmul(m, jnp.swapaxes(sq(rot_col), -1, -2))
+  if second:
+    m = jnp.maximum(m, 0.0)
+  return m.astype(x.dtype)
+
+
+def _move_moments(base_state, treedef, moves, on_refresh: str):
+  """``base_state`` with the moments of every leaf taken to its new basis
+  (``transport``) or zeroed (``reset``) where its projectors changed."""
+  for path in _moment_fields(base_state, treedef, on_refresh):
+    second = path[-1] == "nu"
+
+    def get(node, p=path):
+      for k in p:
+        node = getattr(node, k) if isinstance(k, str) else node[k]
+      return node
+
+    leaves = treedef.flatten_up_to(get(base_state))
+    moved = [x if mv is None else _move(x, mv, second, on_refresh)
+             for x, mv in zip(leaves, moves)]
+    base_state = _replace(base_state, path, treedef.unflatten(moved))
+  return base_state
+
+
+def _replace(node, path, value):
+  if not path:
+    return value
+  k, rest = path[0], path[1:]
+  if isinstance(k, str):
+    return node._replace(**{k: _replace(getattr(node, k), rest, value)})
+  items = list(node)
+  items[k] = _replace(items[k], rest, value)
+  return type(node)(items) if isinstance(node, list) else tuple(items)
 
 
 def scale_by_adam_hf(
@@ -414,6 +558,7 @@ def galore_adamw(
     oversample: int = 8,
     seed: int = 0,
     stagger: bool = False,
+    on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
   r"""AdamW with its moments in GaLore's low-rank subspace.
 
@@ -438,7 +583,7 @@ def galore_adamw(
     mask: weight-decay mask (``optax.adamw``'s convention).
     projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
     dim_numbers, projector_dtype, svd, power_iters, oversample, seed,
-      stagger: see :func:`scale_by_galore`.
+      stagger, on_refresh: see :func:`scale_by_galore`.
     hf_eps: use the HF/official eps placement (:func:`scale_by_adam_hf`);
       then ``eps_root`` and ``nesterov`` must keep their defaults.
 
@@ -479,7 +624,8 @@ def galore_adamw(
       dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
            proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
            projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
-           oversample=oversample, seed=seed, stagger=stagger))
+           oversample=oversample, seed=seed, stagger=stagger,
+           on_refresh=on_refresh))
 
 
 def galore_adamw_8bit(

@@ -257,3 +257,88 @@ def test_bad_refresh_settings(kw, msg):
     galore_jax.scale_by_galore(rank=4, stagger="yes")
 
 
+
+
+# ---------------------------------------------------------------------------
+# Moments across a refresh.
+
+
+def _galore_steps(on_refresh, grads, gap=2, b1=0.9, b2=0.99, base=None):
+  tx = galore_jax.scale_by_galore(
+      rank=3, update_proj_gap=gap, on_refresh=on_refresh,
+      base=base or optax.scale_by_adam(b1=b1, b2=b2))
+  params = {"w": jnp.zeros(grads[0].shape)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  states = [state]
+  for g in grads:
+    _, state = update({"w": g}, state)
+    states.append(state)
+  return states
+
+
+def _grads(n, shape=(20, 12), seed=0):
+  return [jax.random.normal(jax.random.key(seed + i), shape) for i in range(n)]
+
+
+@pytest.mark.parametrize("on_refresh", ["reset", "transport"])
+def test_same_subspace_leaves_moments_untouched(on_refresh):
+  # A constant gradient refreshes to the same projector: nothing moves.
+  g = _grads(1)[0]
+  keep = _galore_steps("keep", [g] * 5)[-1]
+  moved = _galore_steps(on_refresh, [g] * 5)[-1]
+  chex_equal = lambda a, b: [np.testing.assert_array_equal(x, y) for x, y in
+                             zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  chex_equal(keep, moved)
+
+
+def test_transport_and_reset_formulas_at_a_refresh():
+  b1, b2 = 0.9, 0.99
+  grads = _grads(3, (12, 20))  # torch (20, 12): M >= N, the row projector
+  for mode in ("keep", "reset", "transport"):
+    before, after = _galore_steps(mode, grads, b1=b1, b2=b2)[2:4]
+    old = np.asarray(before.projector["w"].row, np.float64)  # (3, 12)
+    new = np.asarray(after.projector["w"].row, np.float64)
+    assert not np.allclose(old, new)  # step 2 refreshed
+    mu0 = np.asarray(before.base_state.mu["w"], np.float64)
+    nu0 = np.asarray(before.base_state.nu["w"], np.float64)
+    coords = new @ np.asarray(grads[2], np.float64)  # (3, 20)
+    rot = new @ old.T
+    carried = {"keep": (mu0, nu0), "reset": (0 * mu0, 0 * nu0),
+               "transport": (rot @ mu0, np.maximum((rot * rot) @ nu0, 0))}
+    mu_want = b1 * carried[mode][0] + (1 - b1) * coords
+    nu_want = b2 * carried[mode][1] + (1 - b2) * coords ** 2
+    np.testing.assert_allclose(after.base_state.mu["w"], mu_want, atol=1e-5)
+    np.testing.assert_allclose(after.base_state.nu["w"], nu_want, atol=1e-5)
+    q = np.asarray(after.projector["w"].row)
+    np.testing.assert_allclose(q @ q.T, np.eye(3), atol=1e-5)
+
+
+def test_transport_is_the_identity_for_the_same_basis():
+  grads = _grads(3)  # (20, 12), torch (12, 20): M < N, the col projector
+  for mode in ("transport",):
+    states = _galore_steps(mode, grads[:1] * 3)
+    for a, b in zip(states[1:], states[2:]):
+      assert isinstance(a.projector["w"].row, optax.MaskedNode)
+      np.testing.assert_array_equal(a.projector["w"].col,
+                                    b.projector["w"].col)
+    # Moments of a constant gradient follow plain Adam in fixed coordinates.
+    coords = np.asarray(grads[0] @ states[-1].projector["w"].col)
+    mu = (1 - 0.9 ** 3) * coords
+    np.testing.assert_allclose(states[-1].base_state.mu["w"], mu, atol=1e-5)
+
+
+def test_on_refresh_needs_float_moments():
+  with pytest.raises(ValueError, match="float `mu` / `nu`"):
+    _galore_steps("transport", _grads(1, (600, 300)),
+                  base=galore_jax.scale_by_adam_8bit(min_8bit_size=1))
+  with pytest.raises(ValueError, match="`on_refresh` must be one of"):
+    galore_jax.scale_by_galore(rank=4, on_refresh="rotate")
+
+
+@pytest.mark.parametrize("on_refresh", ["keep", "reset", "transport"])
+def test_on_refresh_modes_train_without_retrace(on_refresh):
+  params, projectors, traces = _train("subspace_iteration",
+                                      on_refresh=on_refresh)
+  assert traces == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
