@@ -146,6 +146,11 @@ def scale_by_q_galore(
     mask: Any = None,
     dim_numbers: Any = None,
     proj_type: str = "std",
+    svd: str = "exact",
+    power_iters: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
+    on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
   r"""GaLore with quantized projectors and a layer-adaptive refresh (Q-GaLore).
 
@@ -185,6 +190,12 @@ def scale_by_q_galore(
     mask, dim_numbers: see ``scale_by_galore``.
     proj_type: ``"std"`` (official), ``"reverse_std"``, ``"left"`` or
       ``"right"``.
+    svd, power_iters, oversample, seed: how a refresh finds the singular
+      vectors, see ``scale_by_galore``; ``"subspace_iteration"`` starts from
+      the dequantized current projector.
+    on_refresh: ``"keep"`` (official), ``"reset"`` or ``"transport"`` the
+      moments of a refreshed layer, see ``scale_by_galore``; the INT4
+      projectors are dequantized for it, and ``base`` needs float moments.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`QGaLoreState`.
@@ -214,6 +225,10 @@ def scale_by_q_galore(
                   queue_size, proj_type)
   bits, group = int(proj_bits), int(proj_group_size)
   gaps = _gap_sequence(update_proj_gap, gamma_proj)
+  if power_iters is None:
+    power_iters = projection.DEFAULT_POWER_ITERS.get(svd, 1)
+  projection.check_svd(svd, power_iters, oversample)
+  _validation.concrete_number("seed", seed, integer=True)
 
   def layer_shape(spec):
     shapes = spec.projector_shapes
@@ -247,9 +262,29 @@ def scale_by_q_galore(
       )
     return st
 
+  def layer_matrix(st, spec, dtype):
+    return quantization.QuantizedArray(
+        st.codes, st.scales, st.zeros, shape=layer_shape(spec),
+        dtype=jnp.dtype(dtype), bits=bits, group_size=group).dequantize()
+
+  def find(g, st, count, spec):
+    exact = lambda: projection.svd_projectors(g, spec, jnp.float32)
+    if svd == "exact":
+      return exact()
+    if svd == "randomized":
+      return projection.range_projectors(
+          g, spec, jnp.float32, key=jax.random.fold_in(
+              jax.random.key(seed), count),
+          power_iters=power_iters, oversample=oversample)
+    mat = layer_matrix(st, spec, jnp.float32)
+    start = mat.T if spec.use_row else mat
+    warm = lambda: projection.range_projectors(
+        g, spec, jnp.float32, start=start, power_iters=power_iters)
+    return jax.lax.cond(count == 0, exact, warm)
+
   def refresh_layer(g, st, count, spec):
     """New projector of one layer (unbatched ``g``), schedule updated."""
-    proj = projection.svd_projectors(g, spec, jnp.float32)
+    proj = find(g, st, count, spec)
     mat = proj.row if spec.use_row else proj.col
     vector = mat[0] if spec.use_row else mat[:, 0]
     cos = jnp.vdot(st.vector, vector) / jnp.maximum(
@@ -312,10 +347,17 @@ def scale_by_q_galore(
         col=mat if spec.use_col else optax.MaskedNode())
     return proj, st
 
+  def read_leaf(entry, spec, dtype):
+    mat = dequantized(as_state(entry, spec), spec, dtype)
+    return projection.Projectors(
+        row=mat if spec.use_row else optax.MaskedNode(),
+        col=mat if spec.use_col else optax.MaskedNode())
+
   return galore.scale_by_subspace(
-      galore.ProjectorRule(init_leaf, update_leaf, lambda dtype: dtype),
+      galore.ProjectorRule(init_leaf, update_leaf, lambda dtype: dtype,
+                           read_leaf),
       rank=rank, scale=scale, proj_type=proj_type, base=base, mask=mask,
-      dim_numbers=dim_numbers, state_type=QGaLoreState)
+      dim_numbers=dim_numbers, state_type=QGaLoreState, on_refresh=on_refresh)
 
 
 def _in_float32(base: optax.GradientTransformation):
@@ -356,6 +398,11 @@ def q_galore_adamw(
     block_size: int = 256,
     min_8bit_size: int = 4096,
     hf_eps: bool = False,
+    svd: str = "exact",
+    power_iters: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
+    on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
   r"""AdamW in Q-GaLore's quantized, lazily refreshed subspaces.
 
@@ -381,6 +428,9 @@ def q_galore_adamw(
     block_size, min_8bit_size: see :func:`scale_by_adam_8bit`.
     hf_eps: with ``state_bits=32``, the HF/official GaLore eps placement
       (:func:`~galore_jax.scale_by_adam_hf`).
+    svd, power_iters, oversample, seed, on_refresh: see
+      :func:`scale_by_q_galore` (``on_refresh`` other than ``"keep"`` needs
+      ``state_bits=32``).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -419,7 +469,9 @@ def q_galore_adamw(
           rank, update_proj_gap, scale, base, proj_bits=proj_bits,
           proj_group_size=proj_group_size, cos_threshold=cos_threshold,
           gamma_proj=gamma_proj, queue_size=queue_size, mask=projection_mask,
-          dim_numbers=dim_numbers, proj_type=proj_type),
+          dim_numbers=dim_numbers, proj_type=proj_type, svd=svd,
+          power_iters=power_iters, oversample=oversample, seed=seed,
+          on_refresh=on_refresh),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
