@@ -288,7 +288,10 @@ def range_projectors(
   left = spec.use_row  # the side whose basis is found; both: the left one
   a = g if left else _t(g)  # find a left basis of `a`
   if start is not None:
-    q = _orthonormal(start.astype(jnp.float32))
+    # Already orthonormal (a projector): the first iteration's QR suffices.
+    q = start.astype(jnp.float32)
+    if power_iters == 0:
+      q = _orthonormal(q)
   else:
     k = min(spec.rank + oversample, a.shape[-1], a.shape[-2])
     omega = jax.random.normal(key, a.shape[:-2] + (a.shape[-1], k),

@@ -1,0 +1,135 @@
+"""What does a subspace refresh cost, and does stagger remove the spikes?
+
+A stack of LLaMA blocks' kernels (q, k, v, o: hidden x hidden; gate, up:
+hidden x ffn; down: ffn x hidden; plus two norm scales per layer) trained by
+``galore_adamw`` on a fixed token batch, one jitted donated step, in one
+process. For each ``svd`` method it times steady steps (no refresh) and
+refresh steps and prints their medians and ratio; then, over 2K steps, the
+max / median step time with and without ``stagger=True``.
+
+  python benchmarks/refresh_speed.py --shape llama-60m   # 8 layers, 512/1376
+  python benchmarks/refresh_speed.py --shape llama-1b --layers 1 --tokens 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import galore_jax
+
+SHAPES = {  # hidden, ffn, layers, the paper's rank
+    "llama-60m": (512, 1376, 8, 128),
+    "llama-1b": (2048, 5461, 24, 512),
+}
+
+
+def init_params(key, hidden, ffn, layers):
+  shapes = {"q": (hidden, hidden), "k": (hidden, hidden),
+            "v": (hidden, hidden), "o": (hidden, hidden),
+            "gate": (hidden, ffn), "up": (hidden, ffn), "down": (ffn, hidden)}
+  params = {}
+  for i in range(layers):
+    layer = {"attn_norm": jnp.ones((hidden,)), "mlp_norm": jnp.ones((hidden,))}
+    for name, shape in shapes.items():
+      key, sub = jax.random.split(key)
+      layer[name] = jax.random.normal(sub, shape) * shape[0] ** -0.5
+    params[f"layer_{i}"] = layer
+  return params
+
+
+def rms_norm(x, scale):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+
+
+def loss_fn(params, x_TxD):
+  h = x_TxD
+  for name in sorted(params):
+    p = params[name]
+    a = rms_norm(h, p["attn_norm"])
+    h = h + ((a @ p["q"]) * jnp.tanh(a @ p["k"]) + a @ p["v"]) @ p["o"]
+    m = rms_norm(h, p["mlp_norm"])
+    h = h + (jax.nn.silu(m @ p["gate"]) * (m @ p["up"])) @ p["down"]
+  return jnp.mean(h * h)
+
+
+def step_times(opt, params, x, steps):
+  def step(params, state, x):
+    grads = jax.grad(loss_fn)(params, x)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  params = jax.tree.map(jnp.array, params)
+  step = jax.jit(step, donate_argnums=(0, 1)).lower(params, state,
+                                                    x).compile()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    params, state = step(params, state, x)
+    jax.block_until_ready((params, state))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--shape", default="llama-60m", choices=sorted(SHAPES))
+  ap.add_argument("--layers", type=int, default=None,
+                  help="layers to stack (default: the model's)")
+  ap.add_argument("--rank", type=int, default=None)
+  ap.add_argument("--tokens", type=int, default=2048)
+  ap.add_argument("--gap", type=int, default=4)
+  ap.add_argument("--methods", default="exact,randomized,subspace_iteration")
+  ap.add_argument("--skip-stagger", action="store_true")
+  args = ap.parse_args(argv)
+  hidden, ffn, layers, rank = SHAPES[args.shape]
+  layers = args.layers or layers
+  rank = args.rank or rank
+  params = init_params(jax.random.key(0), hidden, ffn, layers)
+  x = jax.random.normal(jax.random.key(1), (args.tokens, hidden))
+  n = sum(p.size for p in jax.tree.leaves(params))
+  gap = args.gap
+  print(f"{args.shape} shapes: {layers} layers, hidden {hidden}, ffn {ffn},"
+        f" {n / 1e6:.1f}M params, rank {rank}, {args.tokens} tokens/step,"
+        f" gap {gap}; {jax.devices()[0].platform}, jax {jax.__version__}\n",
+        flush=True)
+
+  print("| svd | steady step ms | refresh step ms | refresh / steady |")
+  print("|---|---|---|---|", flush=True)
+  for svd in args.methods.split(","):
+    opt = galore_jax.galore_adamw(1e-3, rank=rank, update_proj_gap=gap,
+                                  svd=svd)
+    # Refreshes at steps 0, gap, 2 gap; step 0 (every method's first
+    # refresh, exact for subspace_iteration) is left out.
+    times = step_times(opt, params, x, 2 * gap + 1)
+    refresh = [t for i, t in enumerate(times) if i % gap == 0 and i > 0]
+    steady = [t for i, t in enumerate(times) if i % gap != 0]
+    r, s = statistics.median(refresh), statistics.median(steady)
+    print(f"| {svd} | {1e3 * s:,.0f} | {1e3 * r:,.0f} | {r / s:.2f}x |",
+          flush=True)
+
+  if args.skip_stagger:
+    return 0
+  print(f"\nOver 2K = {2 * gap} steps after the first (which sets every"
+        " projector):\n")
+  print("| svd | stagger | median step ms | max step ms | max / median |")
+  print("|---|---|---|---|---|", flush=True)
+  for svd in args.methods.split(","):
+    for stagger in (False, True):
+      opt = galore_jax.galore_adamw(1e-3, rank=rank, update_proj_gap=gap,
+                                    svd=svd, stagger=stagger)
+      times = step_times(opt, params, x, 2 * gap + 1)[1:]
+      med, top = statistics.median(times), max(times)
+      print(f"| {svd} | {stagger} | {1e3 * med:,.0f} | {1e3 * top:,.0f} |"
+            f" {top / med:.2f}x |", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
