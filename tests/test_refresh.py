@@ -380,3 +380,43 @@ def test_q_galore_transport_needs_float_moments():
     galore_jax.q_galore_adamw(1e-2, rank=4, on_refresh="transport",
                               min_8bit_size=1).init(
                                   {"w": jnp.ones((64, 32))})
+
+
+def test_refresh_options_under_nnx_optimizer_match_plain_optax():
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(32, 24, rngs=rngs)
+      self.l2 = nnx.Linear(24, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jax.nn.relu(self.l1(x)))
+
+  make = lambda: galore_jax.galore_adamw(
+      1e-2, rank=4, update_proj_gap=2, svd="subspace_iteration",
+      stagger=True, on_refresh="transport")
+  xs = [jax.random.normal(jax.random.key(i), (8, 32)) for i in range(5)]
+
+  model = MLP(nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  opt = nnx.Optimizer(model, make(), wrt=nnx.Param)
+
+  @nnx.jit
+  def nnx_step(model, opt, x):
+    opt.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+
+  tx = make()
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, x):
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(x) ** 2)
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  for x in xs:
+    nnx_step(model, opt, x)
+    params, state = step(params, state, x)
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
