@@ -401,6 +401,8 @@ def test_cli_errors(tmp_path, capsys):
   for bad, msg in [(["--compare", "adamw,sgd"], "unknown method"),
                    (["--steps", "0"], "--steps must be >= 1"),
                    (["--galore-scale", "0"], "--galore-scale must be > 0"),
+                   (["--method", "q_galore", "--on-refresh", "transport"],
+                    "--on-refresh applies to --method galore only"),
                    (["--warmup", "1"], "--warmup must be in [0, 1)"),
                    (["--init-from", str(tmp_path / "x")], "not a directory"),
                    (["--method", "sgd"], "invalid choice")]:

@@ -58,10 +58,10 @@ TARGET_PARAMS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)/kernel$"
 TARGET_LINEARS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)$"
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # Args that set the shapes of the saved state: a resumed run must match them.
-_STATE_ARGS = ("model", "init_from", "method", "rank", "svd", "dtype",
-               "param_dtype",
-               "scan_layers", "batch_size", "seq_len", "grad_accum", "seed",
-               "data", "tokenizer", "lora_alpha", "lora_trainable")
+_STATE_ARGS = ("model", "init_from", "method", "rank", "svd", "on_refresh",
+               "dtype", "param_dtype", "scan_layers", "batch_size", "seq_len",
+               "grad_accum", "seed", "data", "tokenizer", "lora_alpha",
+               "lora_trainable")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -98,6 +98,8 @@ def parser() -> argparse.ArgumentParser:
   a("--svd", default="exact", choices=("exact", "randomized",
                                        "subspace_iteration"),
     help="how galore / galore_8bit refresh their projectors")
+  a("--on-refresh", default="keep", choices=("keep", "reset", "transport"),
+    help="galore's moments across a subspace switch (float moments only)")
   a("--lora-alpha", type=float, default=None, help="default: the rank")
   a("--lora-trainable", default="embed|norm|lm_head",
     help="regex of params LoRA / QLoRA train in full ('' for none)")
@@ -144,6 +146,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
     p.error(f"--rank must be >= 1, got {args.rank}")
   if args.lr is not None and not args.lr > 0:
     p.error(f"--lr must be > 0, got {args.lr}")
+  methods = ([m for m in args.compare.split(",") if m] if args.compare
+             else [args.method])
+  if args.on_refresh != "keep" and any(m != "galore" for m in methods):
+    p.error("--on-refresh applies to --method galore only (the other"
+            " methods keep 8-bit or no projected moments)")
   if not args.galore_scale > 0:
     p.error(f"--galore-scale must be > 0, got {args.galore_scale}")
   if not 0 <= args.warmup < 1:
@@ -235,7 +242,8 @@ def setup(method: str, model: model_lib.Llama, args) -> Method:
   elif method == "adamw_8bit":
     tx = galore_jax.adamw_8bit(schedule, **kw)
   elif method == "galore":
-    tx = galore_jax.galore_adamw(schedule, svd=args.svd, **galore_kw)
+    tx = galore_jax.galore_adamw(schedule, svd=args.svd,
+                                 on_refresh=args.on_refresh, **galore_kw)
   elif method == "galore_8bit":
     tx = galore_jax.galore_adamw_8bit(schedule, svd=args.svd, **galore_kw)
   elif method == "q_galore":
