@@ -416,15 +416,20 @@ def _move(x, move, second: bool, on_refresh: str):
   rot_row, rot_col, refreshed = move
   if on_refresh == "reset":
     return jnp.where(refreshed[..., None, None], jnp.zeros_like(x), x)
-  m = x.astype(jnp.float32)
   sq = (lambda r: r * r) if second else (lambda r: r)
-  if rot_row is not None:
-    m = jnp.matmul(sq(rot_row), m)
-  if rot_col is not None:
-    m = jnp.matmul(m, jnp.swapaxes(sq(rot_col), -1, -2))
-  if second:
-    m = jnp.maximum(m, 0.0)
-  return m.astype(x.dtype)
+
+  def transport():
+    m = x.astype(jnp.float32)
+    if rot_row is not None:
+      m = jnp.matmul(sq(rot_row), m)
+    if rot_col is not None:
+      m = jnp.matmul(m, jnp.swapaxes(sq(rot_col), -1, -2))
+    if second:
+      m = jnp.maximum(m, 0.0)
+    return m.astype(x.dtype)
+
+  # Steps without a refresh skip the matmuls (the rotations are I there).
+  return jax.lax.cond(jnp.any(refreshed), transport, lambda: x)
 
 
 def _move_moments(base_state, treedef, moves, on_refresh: str):

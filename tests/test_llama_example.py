@@ -307,7 +307,7 @@ def test_galore_projects_only_attention_and_mlp_kernels(tmp_path):
   model = train_lib.build_model(args, TINY.vocab)
   m = train_lib.setup("galore", model, args)
   mask = train_lib.target_mask(m.train)
-  projected = {train_lib._path(p) for p, v in
+  projected = {memory.path_str(p) for p, v in
                jax.tree_util.tree_leaves_with_path(mask) if v}
   assert len(projected) == 7 * TINY.layers
   assert all("/attn/" in k or "/mlp/" in k for k in projected)

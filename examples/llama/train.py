@@ -46,6 +46,7 @@ from flax import nnx
 
 import galore_jax
 from galore_jax import lora
+from galore_jax import memory
 from examples.llama import data as data_lib
 from examples.llama import hf
 from examples.llama import model as model_lib
@@ -188,14 +189,10 @@ def build_model(args, vocab: int) -> model_lib.Llama:
   return model
 
 
-def _path(path: tuple) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def target_mask(params: Any) -> Any:
   """``True`` for the attention and MLP kernels of a params pure dict."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: bool(re.search(TARGET_PARAMS, _path(p))), params)
+      lambda p, _: bool(re.search(TARGET_PARAMS, memory.path_str(p))), params)
 
 
 def _count(tree: Any, mask: Any = None) -> int:
@@ -261,7 +258,7 @@ def setup(method: str, model: model_lib.Llama, args) -> Method:
                   _count(train) - _count(train, mask)}
   elif method in ("lora", "qlora"):
     adapters = jax.tree_util.tree_map_with_path(
-        lambda p, _: "lora_" in _path(p), train)
+        lambda p, _: "lora_" in memory.path_str(p), train)
     groups = {f"{method} adapters (rank {rank})": _count(train, adapters),
               f"adamw ({args.lora_trainable or 'none'})":
                   _count(train) - _count(train, adapters),
