@@ -3,9 +3,13 @@
 A stack of LLaMA blocks' kernels (q, k, v, o: hidden x hidden; gate, up:
 hidden x ffn; down: ffn x hidden; plus two norm scales per layer) trained by
 ``galore_adamw`` on a fixed token batch, one jitted donated step, in one
-process. For each ``svd`` method it times steady steps (no refresh) and
-refresh steps and prints their medians and ratio; then, over 2K steps, the
-max / median step time with and without ``stagger=True``.
+process. For each token count and ``svd`` method it times steady steps (no
+refresh) and refresh steps and prints their medians and ratio; then, over 2K
+steps, the max / median step time with and without ``stagger=True``.
+
+A refresh costs the same whatever the batch, while a steady step grows with
+the tokens per step, so the ratio falls as the batch grows (the paper trains
+with 512 x 256 = 131,072 tokens per step).
 
   python benchmarks/refresh_speed.py --shape llama-60m   # 8 layers, 512/1376
   python benchmarks/refresh_speed.py --shape llama-1b --layers 1 --tokens 1024
@@ -83,8 +87,11 @@ def main(argv=None):
   ap.add_argument("--layers", type=int, default=None,
                   help="layers to stack (default: the model's)")
   ap.add_argument("--rank", type=int, default=None)
-  ap.add_argument("--tokens", type=int, default=2048)
+  ap.add_argument("--tokens", default="2048",
+                  help="tokens per step; a comma list gives one row each")
   ap.add_argument("--gap", type=int, default=4)
+  ap.add_argument("--periods", type=int, default=4,
+                  help="refresh periods timed per method (after step 0)")
   ap.add_argument("--methods", default="exact,randomized,subspace_iteration")
   ap.add_argument("--skip-stagger", action="store_true")
   args = ap.parse_args(argv)
@@ -92,32 +99,36 @@ def main(argv=None):
   layers = args.layers or layers
   rank = args.rank or rank
   params = init_params(jax.random.key(0), hidden, ffn, layers)
-  x = jax.random.normal(jax.random.key(1), (args.tokens, hidden))
+  tokens = [int(t) for t in args.tokens.split(",")]
   n = sum(p.size for p in jax.tree.leaves(params))
   gap = args.gap
   print(f"{args.shape} shapes: {layers} layers, hidden {hidden}, ffn {ffn},"
-        f" {n / 1e6:.1f}M params, rank {rank}, {args.tokens} tokens/step,"
-        f" gap {gap}; {jax.devices()[0].platform}, jax {jax.__version__}\n",
-        flush=True)
+        f" {n / 1e6:.1f}M params, rank {rank}, gap {gap}, {args.periods}"
+        f" refreshes timed; {jax.devices()[0].platform},"
+        f" jax {jax.__version__}\n", flush=True)
 
-  print("| svd | steady step ms | refresh step ms | refresh / steady |")
-  print("|---|---|---|---|", flush=True)
-  for svd in args.methods.split(","):
-    opt = galore_jax.galore_adamw(1e-3, rank=rank, update_proj_gap=gap,
-                                  svd=svd)
-    # Refreshes at steps 0, gap, 2 gap; step 0 (every method's first
-    # refresh, exact for subspace_iteration) is left out.
-    times = step_times(opt, params, x, 2 * gap + 1)
-    refresh = [t for i, t in enumerate(times) if i % gap == 0 and i > 0]
-    steady = [t for i, t in enumerate(times) if i % gap != 0]
-    r, s = statistics.median(refresh), statistics.median(steady)
-    print(f"| {svd} | {1e3 * s:,.0f} | {1e3 * r:,.0f} | {r / s:.2f}x |",
-          flush=True)
+  print("| tokens/step | svd | steady step ms | refresh step ms |"
+        " refresh / steady |")
+  print("|---|---|---|---|---|", flush=True)
+  for t in tokens:
+    x = jax.random.normal(jax.random.key(1), (t, hidden))
+    for svd in args.methods.split(","):
+      opt = galore_jax.galore_adamw(1e-3, rank=rank, update_proj_gap=gap,
+                                    svd=svd)
+      # Step 0 (every method's first refresh, exact for subspace_iteration)
+      # is left out.
+      times = step_times(opt, params, x, args.periods * gap + 1)
+      refresh = [t for i, t in enumerate(times) if i % gap == 0 and i > 0]
+      steady = [t for i, t in enumerate(times) if i % gap != 0]
+      r, s = statistics.median(refresh), statistics.median(steady)
+      print(f"| {t:,} | {svd} | {1e3 * s:,.0f} | {1e3 * r:,.0f} |"
+            f" {r / s:.2f}x |", flush=True)
 
   if args.skip_stagger:
     return 0
+  x = jax.random.normal(jax.random.key(1), (tokens[0], hidden))
   print(f"\nOver 2K = {2 * gap} steps after the first (which sets every"
-        " projector):\n")
+        f" projector), {tokens[0]:,} tokens/step:\n")
   print("| svd | stagger | median step ms | max step ms | max / median |")
   print("|---|---|---|---|---|", flush=True)
   for svd in args.methods.split(","):

@@ -213,13 +213,12 @@ def check_svd(svd: Any, power_iters: Any, oversample: Any) -> str:
                      f", got {svd!r}")
   if svd == "exact":
     return svd  # the other settings are unused
+  # Both use the range finder (subspace iteration for its first refresh).
   _validation.static("power_iters", power_iters, "an int")
-  if svd == "randomized":
-    _validation.static("oversample", oversample, "an int")
-    if not isinstance(oversample, int) or isinstance(oversample, bool) or (
-        oversample < 0):
-      raise ValueError(f"`oversample` must be an int >= 0, got"
-                       f" {oversample!r}")
+  _validation.static("oversample", oversample, "an int")
+  if not isinstance(oversample, int) or isinstance(oversample, bool) or (
+      oversample < 0):
+    raise ValueError(f"`oversample` must be an int >= 0, got {oversample!r}")
   if not isinstance(power_iters, int) or isinstance(power_iters, bool) or (
       power_iters < (1 if svd == "subspace_iteration" else 0)):
     low = 1 if svd == "subspace_iteration" else 0
@@ -228,31 +227,62 @@ def check_svd(svd: Any, power_iters: Any, oversample: Any) -> str:
   return svd
 
 
+# The shift of shifted Cholesky-QR (Fukaya et al. 2020), relative to
+# trace(yᵀy): large enough that the float32 Cholesky factorization of any
+# nonzero y's Gram matrix is defined.
+_SHIFT = 1e-4
+
+
+def _condition(y: jax.Array) -> jax.Array:
+  """A well-conditioned basis of the span of the float32 ``m x k`` ``y``.
+
+  One shifted Cholesky-QR pass, ``y L⁻ᵀ`` with ``L Lᵀ = yᵀ y + s I`` and
+  ``s = 1e-4 trace(yᵀ y)``: a Gram matmul, a ``k x k`` Cholesky factor and a
+  triangular solve, several times cheaper than Householder QR. Singular values
+  ``sigma`` become ``sigma / sqrt(sigma^2 + s)``: directions above ``sqrt(s)``
+  come out orthonormal, the rest keep their direction at a smaller scale,
+  and ``y = 0`` gives 0. Between power iterations, where only the span and
+  its conditioning matter, that is enough.
+  """
+  c = jnp.matmul(_t(y), y)
+  s = _SHIFT * jnp.trace(c, axis1=-2, axis2=-1)[..., None, None] + 1e-30
+  low = jnp.linalg.cholesky(c + s * jnp.eye(y.shape[-1], dtype=y.dtype))
+  return _t(jax.scipy.linalg.solve_triangular(low, _t(y), lower=True))
+
+
 def _orthonormal(y: jax.Array) -> jax.Array:
+  """An orthonormal basis of ``y``'s columns (Householder QR: always
+  orthonormal, rank-deficient ``y`` included)."""
   return jnp.linalg.qr(y)[0]
 
 
-def _ritz_projectors(g: jax.Array, q: jax.Array, spec: LeafSpec, dtype,
+def _ritz_projectors(a: jax.Array, q: jax.Array, spec: LeafSpec, dtype,
                      left: bool) -> Projectors:
-  """Top-``rank`` singular vectors of ``g`` within the basis ``q``.
+  """Top-``rank`` singular vectors of ``a`` within the orthonormal basis ``q``.
 
-  ``q`` spans (approximately) the leading left (``left=True``, ``q`` is
-  ``rows x k``) or right (``cols x k``) singular subspace of ``g``. The small
-  SVD of ``qᵀ g`` (``k x cols``) or ``g q`` (``rows x k``) rotates it to
-  singular vectors, sorted and sign-canonical like :func:`svd_projectors`.
+  ``q`` (``rows(a) x k``) spans, approximately, the leading left singular
+  subspace of ``a``, which is ``g`` (``left=True``) or ``gᵀ``. With
+  :math:`B = a^\top q`, the eigenvectors :math:`W` of the ``k x k`` Gram
+  matrix :math:`B^\top B = q^\top a a^\top q` rotate ``q`` to the singular
+  vectors :math:`q W` (Rayleigh-Ritz), sorted by decreasing singular value and
+  sign-canonical like :func:`svd_projectors`. When both sides are projected,
+  the other side's vectors come from a small SVD of :math:`B^\top` instead.
   """
   r = spec.rank
-  if left:
-    ub, _, vh = jnp.linalg.svd(jnp.matmul(_t(q), g), full_matrices=False)
-    u_r, vh_r = jnp.matmul(q, ub[..., :, :r]), vh[..., :r, :]
+  b = jnp.matmul(_t(a), q)  # cols(a) x k
+  if spec.use_row and spec.use_col:
+    w, _, vh = jnp.linalg.svd(_t(b), full_matrices=False)
+    u_r, v_r = jnp.matmul(q, w[..., :, :r]), _t(vh[..., :r, :])
   else:
-    u, _, wh = jnp.linalg.svd(jnp.matmul(g, q), full_matrices=False)
-    u_r, vh_r = u[..., :, :r], _t(jnp.matmul(q, _t(wh)[..., :, :r]))
+    _, w = jnp.linalg.eigh(jnp.matmul(_t(b), b))  # ascending eigenvalues
+    u_r, v_r = jnp.matmul(q, w[..., :, ::-1][..., :, :r]), None
+  if not left:  # a = gᵀ: its left vectors are g's right ones
+    u_r, v_r = v_r, u_r
   row = col = optax.MaskedNode()
   if spec.use_row:
     row = canonical_signs(_t(u_r)).astype(dtype)
   if spec.use_col:
-    col = _t(canonical_signs(vh_r)).astype(dtype)
+    col = _t(canonical_signs(_t(v_r))).astype(dtype)
   return Projectors(row=row, col=col)
 
 
@@ -275,31 +305,34 @@ def range_projectors(
   * ``key`` given (randomized range finder, Halko et al. 2011):
     :math:`Q_0 = \mathrm{orth}(G\Omega)` for a Gaussian :math:`\Omega` with
     ``rank + oversample`` columns.
-  * ``start`` given (subspace iteration): :math:`Q_0 = \mathrm{orth}(S)`
-    for the current singular vectors ``S`` (``rows x r`` or ``cols x r``).
+  * ``start`` given (subspace iteration): :math:`Q_0 = S`, the current
+    singular vectors (``rows x r`` or ``cols x r``, orthonormal).
 
   Then ``power_iters`` times :math:`Q \leftarrow \mathrm{orth}(G G^\top Q)`
-  (or :math:`G^\top G` for the right side). The cost is
-  ``2 (power_iters + 1)`` products of ``g`` with a ``k``-column matrix, ``QR``
-  of an ``m x k`` matrix and an SVD of ``k x n``, against a full SVD's
-  ``O(m n min(m, n))``.
+  (or :math:`G^\top G` for the right side), and the top ``rank``
+  eigenvectors :math:`W` of the ``k x k`` matrix
+  :math:`Q^\top G G^\top Q` give the singular vectors :math:`Q W`.
+
+  The cost is ``2 power_iters + 1`` products of ``g`` with a ``k``-column
+  matrix (one more with a key), a shifted Cholesky-QR between iterations,
+  one Householder QR of an ``m x k`` matrix and a ``k x k``
+  eigendecomposition, against a full SVD's ``O(m n min(m, n))``.
   """
   g = g.astype(jnp.float32)
   left = spec.use_row  # the side whose basis is found; both: the left one
   a = g if left else _t(g)  # find a left basis of `a`
   if start is not None:
-    # Already orthonormal (a projector): the first iteration's QR suffices.
-    q = start.astype(jnp.float32)
-    if power_iters == 0:
-      q = _orthonormal(q)
+    y = start.astype(jnp.float32)  # orthonormal already
   else:
     k = min(spec.rank + oversample, a.shape[-1], a.shape[-2])
     omega = jax.random.normal(key, a.shape[:-2] + (a.shape[-1], k),
                               jnp.float32)
-    q = _orthonormal(jnp.matmul(a, omega))
-  for _ in range(power_iters):
-    q = _orthonormal(jnp.matmul(a, jnp.matmul(_t(a), q)))
-  return _ritz_projectors(g, q, spec, dtype, left)
+    y = jnp.matmul(a, omega)
+  for i in range(power_iters):
+    q = y if (i == 0 and start is not None) else _condition(y)
+    y = jnp.matmul(a, jnp.matmul(_t(a), q))
+  q = _orthonormal(y)
+  return _ritz_projectors(a, q, spec, dtype, left)
 
 
 def current_basis(proj: Projectors, spec: LeafSpec) -> jax.Array:
