@@ -105,12 +105,14 @@ def scale_by_galore(
     svd: how a refresh finds the top singular vectors. ``"exact"``
       (default, official): a full SVD. ``"randomized"``: a Gaussian range
       finder with ``rank + oversample`` columns and ``power_iters`` power
-      iterations, then a small SVD (the Gaussian comes from ``seed`` and the
-      step count, so runs and resumes repeat). ``"subspace_iteration"``:
-      warm-started from the current projector, ``power_iters``
-      multiplications by :math:`G G^\top` and a QR of an ``m x r`` matrix,
-      then a small SVD; the first refresh (step 0) is exact. See
-      :func:`galore_jax.projection.range_projectors`.
+      iterations (the Gaussian comes from ``seed`` and the step count, so
+      runs and resumes repeat). ``"subspace_iteration"``: warm-started from
+      the current projector, ``power_iters`` multiplications by
+      :math:`G G^\top`; the first refresh (step 0) is the randomized one.
+      Neither runs a full SVD, so on a sharded gradient neither gathers it
+      whole onto one device. Both end with
+      a QR of an ``m x k`` matrix and the eigendecomposition of a ``k x k``
+      one (Rayleigh-Ritz). See :func:`galore_jax.projection.range_projectors`.
     power_iters: power iterations of the non-exact methods; default 1 for
       ``"randomized"``, 2 for ``"subspace_iteration"``.
     oversample: extra columns of the randomized range finder.
@@ -171,18 +173,18 @@ def scale_by_galore(
 
   def refresh(g2, proj, spec, count):
     dtype = dtype_of(g2.dtype)
-    exact = lambda: projection.svd_projectors(g2, spec, dtype)
     if svd == "exact":
-      return exact()
+      return projection.svd_projectors(g2, spec, dtype)
+    randomized = lambda: projection.range_projectors(
+        g2, spec, dtype, key=jax.random.fold_in(jax.random.key(seed), count),
+        power_iters=power_iters, oversample=oversample)
     if svd == "randomized":
-      key = jax.random.fold_in(jax.random.key(seed), count)
-      return projection.range_projectors(
-          g2, spec, dtype, key=key, power_iters=power_iters,
-          oversample=oversample)
+      return randomized()
     warm = lambda: projection.range_projectors(
         g2, spec, dtype, start=projection.current_basis(proj, spec),
         power_iters=power_iters)
-    return jax.lax.cond(count == 0, exact, warm)
+    # No projector to start from at step 0: a randomized range finder.
+    return jax.lax.cond(count == 0, randomized, warm)
 
   def update_leaf(g2, entry, spec, count, position=(0, 1)):
     proj = projection.as_projectors(entry, spec)

@@ -150,6 +150,7 @@ def scale_by_q_galore(
     power_iters: Optional[int] = None,
     oversample: int = 8,
     seed: int = 0,
+    stagger: bool = False,
     on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
   r"""GaLore with quantized projectors and a layer-adaptive refresh (Q-GaLore).
@@ -193,6 +194,10 @@ def scale_by_q_galore(
     svd, power_iters, oversample, seed: how a refresh finds the singular
       vectors, see ``scale_by_galore``; ``"subspace_iteration"`` starts from
       the dequantized current projector.
+    stagger: the ``i``-th of ``n`` projected leaves refreshes when
+      ``(count - i * update_proj_gap // n) % gap == 0`` (and at step 0),
+      instead of ``count % gap == 0``: each layer keeps its adaptive gap, at
+      its own phase, so no step recomputes every projector at once.
     on_refresh: ``"keep"`` (official), ``"reset"`` or ``"transport"`` the
       moments of a refreshed layer, see ``scale_by_galore``; the INT4
       projectors are dequantized for it, and ``base`` needs float moments.
@@ -229,6 +234,8 @@ def scale_by_q_galore(
     power_iters = projection.DEFAULT_POWER_ITERS.get(svd, 1)
   projection.check_svd(svd, power_iters, oversample)
   _validation.concrete_number("seed", seed, integer=True)
+  if not isinstance(stagger, bool):
+    raise TypeError(f"`stagger` must be a bool, got {stagger!r}")
 
   def layer_shape(spec):
     shapes = spec.projector_shapes
@@ -268,19 +275,19 @@ def scale_by_q_galore(
         dtype=jnp.dtype(dtype), bits=bits, group_size=group).dequantize()
 
   def find(g, st, count, spec):
-    exact = lambda: projection.svd_projectors(g, spec, jnp.float32)
     if svd == "exact":
-      return exact()
+      return projection.svd_projectors(g, spec, jnp.float32)
+    randomized = lambda: projection.range_projectors(
+        g, spec, jnp.float32, key=jax.random.fold_in(
+            jax.random.key(seed), count),
+        power_iters=power_iters, oversample=oversample)
     if svd == "randomized":
-      return projection.range_projectors(
-          g, spec, jnp.float32, key=jax.random.fold_in(
-              jax.random.key(seed), count),
-          power_iters=power_iters, oversample=oversample)
+      return randomized()
     mat = layer_matrix(st, spec, jnp.float32)
     start = mat.T if spec.use_row else mat
     warm = lambda: projection.range_projectors(
         g, spec, jnp.float32, start=start, power_iters=power_iters)
-    return jax.lax.cond(count == 0, exact, warm)
+    return jax.lax.cond(count == 0, randomized, warm)  # step 0: no start
 
   def refresh_layer(g, st, count, spec):
     """New projector of one layer (unbatched ``g``), schedule updated."""
@@ -320,9 +327,12 @@ def scale_by_q_galore(
     return one(st.codes, st.scales, st.zeros)
 
   def update_leaf(g2, entry, spec, count, position=(0, 1)):
-    del position  # every layer follows its own adaptive gap
     st = as_state(entry, spec)
-    due = count % st.gap == 0
+    due = count % st.gap == 0  # every layer follows its own adaptive gap
+    if stagger:  # leaf i of n at phase i K / n of its gap, and at 0
+      index, total = position
+      phase = (index * update_proj_gap) // total
+      due = ((count - phase) % st.gap == 0) | (count == 0)
     nb = len(spec.batch_shape)
     if nb == 0:
       st = jax.lax.cond(
@@ -402,6 +412,7 @@ def q_galore_adamw(
     power_iters: Optional[int] = None,
     oversample: int = 8,
     seed: int = 0,
+    stagger: bool = False,
     on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
   r"""AdamW in Q-GaLore's quantized, lazily refreshed subspaces.
@@ -428,7 +439,7 @@ def q_galore_adamw(
     block_size, min_8bit_size: see :func:`scale_by_adam_8bit`.
     hf_eps: with ``state_bits=32``, the HF/official GaLore eps placement
       (:func:`~galore_jax.scale_by_adam_hf`).
-    svd, power_iters, oversample, seed, on_refresh: see
+    svd, power_iters, oversample, seed, stagger, on_refresh: see
       :func:`scale_by_q_galore` (``on_refresh`` other than ``"keep"`` needs
       ``state_bits=32``).
 
@@ -471,7 +482,7 @@ def q_galore_adamw(
           gamma_proj=gamma_proj, queue_size=queue_size, mask=projection_mask,
           dim_numbers=dim_numbers, proj_type=proj_type, svd=svd,
           power_iters=power_iters, oversample=oversample, seed=seed,
-          on_refresh=on_refresh),
+          stagger=stagger, on_refresh=on_refresh),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -175,11 +175,15 @@ def test_galore_refresh_modes_train_without_retrace(svd):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_subspace_iteration_starts_exact():
-  _, exact, _ = _train("exact", steps=1)
+def test_subspace_iteration_starts_from_the_randomized_range_finder():
+  # Step 0 has no projector to start from: the randomized one, same key and
+  # power iterations, close to the exact SVD's vectors.
   _, warm, _ = _train("subspace_iteration", steps=1)
-  np.testing.assert_array_equal(jax.tree.leaves(exact[0])[0],
-                                jax.tree.leaves(warm[0])[0])
+  _, rand, _ = _train("randomized", steps=1, power_iters=2)
+  _, exact, _ = _train("exact", steps=1)
+  first = lambda p: np.asarray(jax.tree.leaves(p[0])[0])
+  np.testing.assert_array_equal(first(warm), first(rand))
+  np.testing.assert_allclose(first(warm), first(exact), atol=5e-3)
 
 
 def test_randomized_is_deterministic_per_seed():
@@ -227,6 +231,39 @@ def test_stagger_refreshes_each_leaf_once_per_gap():
   assert sorted(v[1] % gap for v in staggered.values()) == [0, 0, 1, 1, 2, 2]
 
 
+def test_q_galore_stagger_keeps_each_layer_on_its_phase():
+  """Q-GaLore's refreshes, read off the cosine queue's fill count."""
+  gap, steps = 3, 13
+  params = {f"w{i}": jax.random.normal(jax.random.key(i), (12, 8))
+            for i in range(6)}
+  seen = {}
+  for stagger in (False, True):
+    # cos_threshold 1: random gradients never grow the gap.
+    opt = galore_jax.q_galore_adamw(1e-2, rank=2, update_proj_gap=gap,
+                                    cos_threshold=1.0, queue_size=8,
+                                    stagger=stagger)
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    steps_of = {k: [0] for k in params}
+    for t in range(steps):
+      grads = {k: jax.random.normal(jax.random.key(100 * t + i), (12, 8))
+               for i, k in enumerate(params)}
+      before = {k: int(v.queue_count) for k, v in state[0].projector.items()}
+      _, state = update(grads, state, params)
+      for k, v in state[0].projector.items():
+        if int(v.queue_count) > before[k]:
+          steps_of[k].append(t)
+    assert all(int(v.gap) == gap for v in state[0].projector.values())
+    seen[stagger] = steps_of
+  assert all(v == [0, 3, 6, 9, 12] for v in seen[False].values())
+  phases = []
+  for k, v in seen[True].items():
+    phase = (list(params).index(k) * gap) // len(params)
+    phases.append(phase)
+    assert v == [0] + list(range(phase or gap, steps, gap)), (k, v)
+  assert sorted(phases) == [0, 0, 1, 1, 2, 2]
+
+
 def test_inject_hyperparams_with_static_refresh_settings():
   opt = optax.inject_hyperparams(
       galore_jax.galore_adamw,
@@ -255,6 +292,8 @@ def test_bad_refresh_settings(kw, msg):
     galore_jax.scale_by_galore(rank=4, **kw)
   with pytest.raises(TypeError, match="`stagger` must be a bool"):
     galore_jax.scale_by_galore(rank=4, stagger="yes")
+  with pytest.raises(TypeError, match="`stagger` must be a bool"):
+    galore_jax.scale_by_q_galore(rank=4, stagger=1)
 
 
 
