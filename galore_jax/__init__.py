@@ -22,6 +22,7 @@ from galore_jax.q_galore import q_galore_adamw
 from galore_jax.q_galore import quantize_params
 from galore_jax.q_galore import scale_by_q_galore
 from galore_jax.quantization import QuantizedArray
+from galore_jax.sharding import state_sharding
 
 __version__ = "0.1.0"
 
@@ -48,4 +49,5 @@ __all__ = (
     "scale_by_adam_hf",
     "scale_by_galore",
     "scale_by_q_galore",
+    "state_sharding",
 )

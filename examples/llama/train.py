@@ -43,6 +43,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import galore_jax
 from galore_jax import lora
@@ -98,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
   a("--galore-scale", type=float, default=0.25)
   a("--svd", default="exact", choices=("exact", "randomized",
                                        "subspace_iteration"),
-    help="how galore / galore_8bit refresh their projectors")
+    help="how galore, galore_8bit and q_galore refresh their projectors"
+         " (use a range finder on a --mesh: 'exact' gathers each gradient)")
   a("--on-refresh", default="keep", choices=("keep", "reset", "transport"),
     help="galore's moments across a subspace switch (float moments only)")
   a("--lora-alpha", type=float, default=None, help="default: the rank")
@@ -133,6 +136,10 @@ def parser() -> argparse.ArgumentParser:
   a("--resume", action="store_true",
     help="continue from the latest checkpoint in --out/<method>/ckpt")
   a("--seed", type=int, default=0)
+  a("--mesh", default=None, metavar="data=D,fsdp=F",
+    help="shard over a device mesh: the batch over 'data', params and"
+         " optimizer state over 'fsdp'; D*F must equal the device count"
+         " (CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   a("--no-progress", action="store_true", help="no progress bar")
   return p
 
@@ -166,6 +173,14 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
               f" {', '.join(METHODS)}")
   if args.init_from is not None and not pathlib.Path(args.init_from).is_dir():
     p.error(f"--init-from: {args.init_from} is not a directory")
+  if args.mesh is not None:
+    try:
+      sizes = parse_mesh(args.mesh)
+    except ValueError as e:
+      p.error(f"--mesh: {e}")
+    if args.batch_size % sizes["data"]:
+      p.error(f"--batch-size {args.batch_size} must be divisible by the"
+              f" mesh's data={sizes['data']}")
 
 
 # ---------------------------------------------------------------------------
@@ -244,7 +259,7 @@ def setup(method: str, model: model_lib.Llama, args) -> Method:
   elif method == "galore_8bit":
     tx = galore_jax.galore_adamw_8bit(schedule, svd=args.svd, **galore_kw)
   elif method == "q_galore":
-    tx = galore_jax.q_galore_adamw(schedule, **galore_kw)
+    tx = galore_jax.q_galore_adamw(schedule, svd=args.svd, **galore_kw)
   else:
     tx = optax.adamw(schedule, **kw)
   if args.clip:
@@ -314,6 +329,119 @@ def device_peak_bytes() -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------
+# Sharding over a device mesh.
+
+MESH_AXES = ("data", "fsdp")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (a missing axis: 1)."""
+  sizes = {}
+  for part in text.split(","):
+    name, eq, value = part.partition("=")
+    name = name.strip()
+    if not eq or name not in MESH_AXES or name in sizes:
+      raise ValueError(f"expected axes from {MESH_AXES} as name=size, each"
+                       f" once, got {text!r}")
+    if not value.strip().isdigit() or int(value) < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+    sizes[name] = int(value)
+  return {a: sizes.get(a, 1) for a in MESH_AXES}
+
+
+def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
+  n = math.prod(sizes.values())
+  if n != jax.device_count():
+    raise ValueError(
+        f"--mesh {sizes} needs {n} devices, this host has"
+        f" {jax.device_count()} ({jax.devices()[0].platform}); on CPU set"
+        f" XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+  """Splits the largest axis that ``n`` divides over "fsdp" (the first of
+  equals); arrays with none stay replicated."""
+  axes = [i for i, d in enumerate(shape) if d % n == 0 and d >= n]
+  if n == 1 or not axes:
+    return P()
+  best = max(axes, key=lambda i: (shape[i], -i))
+  return P(*([None] * best + ["fsdp"]))
+
+
+def param_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """FSDP shardings for every array of ``tree`` (params, frozen, codes)."""
+  n = mesh.shape["fsdp"]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)), tree)
+
+
+@dataclasses.dataclass
+class Placement:
+  """Where a run's arrays live on the mesh (``None``: one device)."""
+  train: Any = None
+  frozen: Any = None
+  opt_state: Any = None
+  replicated: Any = None
+  tokens: Any = None
+
+
+def placement(m: "Method", mesh: Optional[jax.sharding.Mesh]) -> Placement:
+  """Shardings of a method's train params, frozen params, optimizer state
+  (:func:`galore_jax.state_sharding`), key and token batches."""
+  if mesh is None:
+    return Placement()
+  init_params = init_view(m)
+  return Placement(
+      train=param_shardings(m.train, mesh),
+      frozen=param_shardings(m.frozen, mesh),
+      opt_state=galore_jax.state_sharding(
+          m.tx, init_params, param_shardings(init_params, mesh)),
+      replicated=NamedSharding(mesh, P()),
+      tokens=NamedSharding(mesh, P("data")))
+
+
+def init_view(m: "Method") -> Any:
+  """What ``m.tx.init`` takes: float params (dequantized for q_galore)."""
+  if m.name == "q_galore":
+    return jax.eval_shape(galore_jax.dequantize_params, m.train)
+  return m.train
+
+
+def init_state(m: "Method", where: Placement):
+  """Train and frozen params placed on the mesh, and the optimizer state
+  created there by a jitted ``init`` (never whole on one device)."""
+  if where.train is None:
+    params = (galore_jax.dequantize_params(m.train) if m.name == "q_galore"
+              else m.train)
+    return m.train, m.frozen, m.tx.init(params)
+  train = jax.device_put(m.train, where.train)
+  frozen = jax.device_put(m.frozen, where.frozen)
+  if m.name == "q_galore":
+    init = lambda t: m.tx.init(galore_jax.dequantize_params(t))
+  else:
+    init = m.tx.init
+  opt_state = jax.jit(init, out_shardings=where.opt_state)(train)
+  return train, frozen, opt_state
+
+
+def compile_step(m: "Method", where: Placement, train, frozen, opt_state,
+                 key, tokens):
+  """The train step compiled ahead of time, params, state and key donated;
+  on a mesh with explicit in and out shardings."""
+  step_fn, _ = make_step(m)
+  kw = {}
+  if where.train is not None:
+    rep = where.replicated
+    kw = dict(in_shardings=(where.train, where.frozen, where.opt_state, rep,
+                            where.tokens),
+              out_shardings=(where.train, where.opt_state, rep, rep))
+  return jax.jit(step_fn, donate_argnums=(0, 2, 3), **kw).lower(
+      train, frozen, opt_state, key, tokens).compile()
+
+
+# ---------------------------------------------------------------------------
 # Checkpoints.
 
 
@@ -330,7 +458,9 @@ def _save(mngr, step: int, tree: dict) -> None:
 
 def _restore(mngr, step: int, like: dict) -> dict:
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                     sharding=getattr(x, "sharding", None)),
+      like)
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
@@ -399,10 +529,16 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   del model
   print(f"[{method}] {n_params:,} params; "
         + "; ".join(f"{k}: {v:,}" for k, v in m.groups.items()), flush=True)
-  opt_state = m.tx.init(galore_jax.dequantize_params(m.train)
-                        if method == "q_galore" else m.train)
+  mesh = None if args.mesh is None else make_mesh(parse_mesh(args.mesh))
+  where = placement(m, mesh)
+  if mesh is not None:
+    print(f"[{method}] mesh {dict(mesh.shape)}: batch over 'data', params"
+          " and optimizer state over 'fsdp'", flush=True)
+  train, frozen, opt_state = init_state(m, where)
   key = jax.random.PRNGKey(args.seed)
-  state = {"train": m.train, "frozen": m.frozen, "opt_state": opt_state,
+  if mesh is not None:
+    key = jax.device_put(key, where.replicated)
+  state = {"train": train, "frozen": frozen, "opt_state": opt_state,
            "key": key, "step": np.int64(0), "position": np.int64(0)}
 
   mngr = _manager(ckpt_dir)
@@ -422,19 +558,22 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   position = int(state["position"])
   del state
 
-  step_fn, eval_fn = make_step(m)
+  _, eval_fn = make_step(m)
   tokens = jnp.zeros((args.batch_size, args.seq_len + 1), jnp.int32)
   t0 = time.perf_counter()
-  step = jax.jit(step_fn, donate_argnums=(0, 2, 3)).lower(
-      train, frozen, opt_state, key, tokens).compile()
+  step = compile_step(m, where, train, frozen, opt_state, key, tokens)
   compile_s = time.perf_counter() - t0
+  put = ((lambda b: b) if mesh is None
+         else (lambda b: jax.device_put(b, where.tokens)))
   memory = memory_figures(step)
   print(f"[{method}] train step compiled in {compile_s:.1f} s; XLA memory:"
         f" {memory['total'] / 2**20:,.1f} MiB (args {memory['argument']:,},"
         f" temp {memory['temp']:,} bytes)", flush=True)
   evaluate = jax.jit(eval_fn)
-  val_tokens = jnp.asarray(data_lib.eval_batches(
-      corpus.val, args.eval_batches, args.batch_size, args.seq_len))
+  val_tokens = data_lib.eval_batches(
+      corpus.val, args.eval_batches, args.batch_size, args.seq_len)
+  val_tokens = (jnp.asarray(val_tokens) if mesh is None else jax.device_put(
+      val_tokens, NamedSharding(mesh, P(None, "data"))))
   tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
 
   metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
@@ -473,7 +612,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
                                  args.seq_len, args.seed)
           position += 1
           train, opt_state, key, mt = step(train, frozen, opt_state, key,
-                                           batch)
+                                           put(batch))
           micro.append(mt)
         seg_tokens += tokens_per_step
         done, pending = pending, (s, micro)

@@ -1,0 +1,400 @@
+"""GaLore and Q-GaLore over a device mesh (8 CPU devices, see conftest.py).
+
+State shardings follow the params and never split a rank axis; the LLaMA
+example trained on a (fsdp=8) or (data=2, fsdp=4) mesh equals one device;
+the subspace-iteration refresh never gathers a whole gradient.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import galore_jax
+from examples.llama import data as data_lib
+from examples.llama import train as train_lib
+
+RANK = 8
+
+
+def _mesh(data=2, fsdp=4):
+  return jax.make_mesh((data, fsdp), ("data", "fsdp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _params():
+  return {"w": jnp.ones((64, 32)),          # rows >= cols: column projector
+          "v": jnp.ones((32, 64)),          # rows < cols: row projector
+          "s": jnp.ones((4, 32, 64)),       # stacked (L, in, out)
+          "b": jnp.ones((32,))}
+
+
+def _shardings(mesh):
+  return {"w": NamedSharding(mesh, P("fsdp")),
+          "v": NamedSharding(mesh, P("fsdp")),
+          "s": NamedSharding(mesh, P(None, "fsdp")),
+          "b": NamedSharding(mesh, P())}
+
+
+def _specs(tree):
+  return {jax.tree_util.keystr(k): tuple(v.spec) for k, v in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_conftest_gives_eight_cpu_devices():
+  assert jax.device_count() == 8
+
+
+def test_adamw_moments_follow_the_params():
+  mesh = _mesh()
+  sh = galore_jax.state_sharding(optax.adamw(1e-3), _params(),
+                                 _shardings(mesh))
+  for name, want in _shardings(mesh).items():
+    assert sh[0].mu[name] == want and sh[0].nu[name] == want
+  assert sh[0].count.spec == P()
+
+
+def test_galore_state_follows_the_param_axes_and_never_splits_the_rank():
+  specs = _specs(galore_jax.state_sharding(
+      galore_jax.galore_adamw(1e-3, rank=RANK), _params(),
+      _shardings(_mesh())))
+  assert specs == {
+      "[0].count": (),
+      # w (64, 32) split on `in`: (out, r) column projector and (in, r)
+      # moments; `out` is unsplit, so the projector takes `in`'s axis.
+      "[0].projector['w'].col": ("fsdp", None),
+      "[0].base_state.mu['w']": ("fsdp", None),
+      "[0].base_state.nu['w']": ("fsdp", None),
+      # v (32, 64) split on `in`: (r, in) row projector, (r, out) moments.
+      "[0].projector['v'].row": (None, "fsdp"),
+      "[0].base_state.mu['v']": (None, "fsdp"),
+      "[0].base_state.nu['v']": (None, "fsdp"),
+      # s (4, 32, 64): the layer axis follows, then as v.
+      "[0].projector['s'].row": (None, None, "fsdp"),
+      "[0].base_state.mu['s']": (None, None, "fsdp"),
+      "[0].base_state.nu['s']": (None, None, "fsdp"),
+      "[0].base_state.count": (),
+      "[0].base_state.mu['b']": (),  # the param's own P()
+      "[0].base_state.nu['b']": (),
+  }
+
+
+def test_q_galore_state_shardings():
+  mesh = _mesh(2, 4)
+  params = {"w": jnp.ones((64, 32)), "s": jnp.ones((4, 32, 64))}
+  shardings = {"w": NamedSharding(mesh, P("fsdp")),
+               "s": NamedSharding(mesh, P("fsdp"))}  # split the layer axis
+  tx = galore_jax.q_galore_adamw(1e-3, rank=RANK, block_size=32,
+                                 min_8bit_size=1)
+  specs = _specs(galore_jax.state_sharding(tx, params, shardings))
+  # Per-layer projector codes, gap and queue follow the stacked axis.
+  for field in ("codes", "scales", "zeros", "vector", "queue"):
+    assert specs[f"[0].projector['s'].{field}"] == ("fsdp", None)
+    assert specs[f"[0].projector['w'].{field}"] == (None,)
+  assert specs["[0].projector['s'].gap"] == ("fsdp",)
+  # 8-bit moments: blocks split over the param's mesh axis.
+  assert specs["[0].base_state.mu['w'].codes"] == ("fsdp", None)
+  assert specs["[0].base_state.mu['w'].absmax"] == ("fsdp",)
+
+
+def test_blocks_that_do_not_divide_split_within_blocks():
+  mesh = _mesh(1, 8)
+  params = {"w": jnp.ones((40, 24))}
+  tx = galore_jax.adamw_8bit(1e-3, block_size=64, min_8bit_size=1)
+  sh = galore_jax.state_sharding(tx, params,
+                                 {"w": NamedSharding(mesh, P("fsdp"))})
+  # 15 blocks do not split over 8 devices; each block's 64 codes do.
+  assert sh[0].mu["w"].codes.spec == P(None, "fsdp")
+  assert sh[0].mu["w"].absmax.spec == P(None)
+  tx = galore_jax.adamw_8bit(1e-3, block_size=36, min_8bit_size=1)
+  sh = galore_jax.state_sharding(tx, params,
+                                 {"w": NamedSharding(mesh, P("fsdp"))})
+  assert sh[0].mu["w"].codes.spec == P(None, None)  # 27 x 36: neither
+
+
+@pytest.mark.parametrize("make", [
+    # Sharded runs use a range-finder refresh: the exact SVD gathers whole
+    # gradients, and on simulated CPU devices it can hang XLA's CPU
+    # collectives under these wrappers (see the README's sharding section).
+    lambda: optax.MultiSteps(galore_jax.galore_adamw(
+        1e-3, rank=RANK, svd="subspace_iteration"), 2),
+    lambda: optax.inject_hyperparams(
+        galore_jax.galore_adamw,
+        static_args=("rank", "svd", "power_iters", "oversample"))(
+            1e-3, rank=RANK, svd="subspace_iteration"),
+    lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                        galore_jax.q_galore_adamw(
+                            1e-3, rank=RANK, min_8bit_size=1,
+                            svd="subspace_iteration")),
+])
+def test_init_on_the_mesh_under_wrappers(make):
+  tx, params, mesh = make(), _params(), _mesh()
+  shardings = _shardings(mesh)
+  sh = galore_jax.state_sharding(tx, params, shardings)
+  params = jax.device_put(params, shardings)
+  state = jax.jit(tx.init, out_shardings=sh)(params)
+  assert jax.tree.all(jax.tree.map(
+      lambda x, want: x.sharding.is_equivalent_to(want, x.ndim), state, sh))
+  # No axis of length RANK is ever split (8-bit block axes aside).
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    if "codes" in str(path) or "absmax" in str(path):
+      continue
+    for size, entry in zip(x.shape, tuple(x.sharding.spec)):
+      assert size != RANK or entry is None, path
+  # And the sharded update runs.
+  grads = jax.tree.map(jnp.ones_like, params)
+  update = jax.jit(tx.update, out_shardings=(shardings, sh))
+  updates, state = update(grads, state, params)
+  assert jax.tree.all(jax.tree.map(lambda u: bool(jnp.isfinite(u).all()),
+                                   updates))
+
+
+def test_bad_param_shardings():
+  params, mesh = _params(), _mesh()
+  tx = galore_jax.galore_adamw(1e-3, rank=RANK)
+  with pytest.raises(TypeError, match="NamedSharding per param"):
+    galore_jax.state_sharding(tx, params, {k: P() for k in params})
+  with pytest.raises(ValueError, match="tree like `params`"):
+    galore_jax.state_sharding(tx, params, {"w": NamedSharding(mesh, P())})
+  other = jax.make_mesh((8,), ("fsdp",))
+  mixed = dict(_shardings(mesh), b=NamedSharding(other, P()))
+  with pytest.raises(ValueError, match="same mesh"):
+    galore_jax.state_sharding(tx, params, mixed)
+
+
+def _state_bytes_per_device(tx, params, fsdp, skip="^$"):
+  """Bytes of ``tx``'s state on one device of an fsdp mesh, leaving out the
+  leaves whose path matches ``skip``."""
+  mesh = _mesh(1, fsdp)
+  sh = jax.tree.map(lambda x: NamedSharding(mesh, train_lib.fsdp_spec(
+      x.shape, fsdp)), params)
+  st_sh = galore_jax.state_sharding(tx, params, sh)
+  abstract = jax.tree_util.tree_flatten_with_path(
+      jax.eval_shape(tx.init, params))[0]
+  return sum(
+      int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+      for (path, x), s in zip(abstract, jax.tree.leaves(st_sh))
+      if not re.search(skip, jax.tree_util.keystr(path)))
+
+
+@pytest.mark.parametrize("make,skip,slack", [
+    (lambda: galore_jax.galore_adamw(1e-3, rank=32), "count", 1.0),
+    # Q-GaLore's INT4 projectors are kept whole (see galore_jax.sharding),
+    # and so is the 4-byte absmax of an 8-bit block whose 256 codes are
+    # split: at most 4 / (256 / 8) = +12.5% at fsdp=8.
+    (lambda: galore_jax.q_galore_adamw(1e-3, rank=32, min_8bit_size=1),
+     r"count|\.projector", 1.125),
+])
+def test_state_bytes_per_device_shrink_as_one_over_fsdp(make, skip, slack):
+  params = {f"l{i}": {"q": jnp.ones((128, 128)), "up": jnp.ones((128, 352)),
+                      "down": jnp.ones((352, 128))} for i in range(2)}
+  tx = make()
+  one = _state_bytes_per_device(tx, params, 1, skip)
+  for fsdp in (2, 4, 8):
+    got = _state_bytes_per_device(tx, params, fsdp, skip)
+    assert got <= slack * one / fsdp, (fsdp, got, one)
+
+
+def test_nnx_optimizer_state_resharded():
+  mesh = _mesh(1, 8)
+  def init(split):
+    lecun = nnx.initializers.lecun_normal()
+    return nnx.with_partitioning(lecun, ("fsdp", None)) if split else lecun
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs, split=True):
+      self.l1 = nnx.Linear(64, 36, kernel_init=init(split), rngs=rngs)
+      self.l2 = nnx.Linear(36, 8, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jax.nn.relu(self.l1(x)))
+
+  make = lambda: galore_jax.galore_adamw(1e-2, rank=4, update_proj_gap=2)
+  reference = MLP(nnx.Rngs(0), split=False)  # one device
+  ref_opt = nnx.Optimizer(reference, make(), wrt=nnx.Param)
+  tx = make()
+  with jax.set_mesh(mesh):
+    # With eager sharding (the default), nnx.Optimizer copies the kernel's
+    # ("fsdp", None) onto its whole per-param state: the (out=36, r) column
+    # projector cannot be split that way.
+    with pytest.raises(ValueError, match="36"):
+      nnx.Optimizer(MLP(nnx.Rngs(0)), make(), wrt=nnx.Param)
+    # The recipe: create model and optimizer without eager sharding, then
+    # place the params by their annotations and the state by state_sharding.
+    with nnx.use_eager_sharding(False):
+      model = MLP(nnx.Rngs(0))
+      opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  params = nnx.state(model, nnx.Param)
+  param_sh = nnx.get_named_sharding(params, mesh)
+  nnx.update(model, jax.device_put(params, param_sh))
+  sh = galore_jax.state_sharding(tx, params, param_sh, state=opt.opt_state)
+  assert tuple(sh[0].projector["l1"]["kernel"].get_value().col.spec) == (
+      None, None)  # `out` is unsplit and 36 does not split over 8: whole
+  assert tuple(sh[0].base_state.mu["l1"]["kernel"].get_value().spec) == (
+      "fsdp", None)  # (in=64, r)
+  opt.opt_state = jax.device_put(opt.opt_state, sh)
+
+  @nnx.jit
+  def step(model, opt, x):
+    opt.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+
+  for i in range(4):
+    x = jax.random.normal(jax.random.key(i), (16, 64))
+    step(model, opt, x)
+    step(reference, ref_opt, x)
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  want = nnx.to_pure_dict(nnx.state(reference, nnx.Param))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  split = NamedSharding(mesh, P("fsdp", None))
+  mu = opt.opt_state[0].base_state.mu["l1"]["kernel"].get_value()
+  kernel = nnx.state(model, nnx.Param)["l1"]["kernel"].get_value()
+  assert mu.sharding.is_equivalent_to(split, 2)
+  assert kernel.sharding.is_equivalent_to(split, 2)
+
+
+# ---------------------------------------------------------------------------
+# The LLaMA example on a mesh equals one device.
+
+STEPS = 20
+
+
+def _train_llama(method, mesh_text, svd="exact", state_bits=8):
+  """``method``: an example method, or "q_galore_adamw" for that optimizer
+  on float weights (the example's q_galore adds INT8 weights)."""
+  example = "galore" if method == "q_galore_adamw" else method
+  args = train_lib.parser().parse_args([
+      "--model", "llama-tiny", "--method", example, "--steps", str(STEPS),
+      "--batch-size", "8", "--seq-len", "32", "--update-proj-gap", "5",
+      "--svd", svd] + (["--mesh", mesh_text] if mesh_text else []))
+  m = train_lib.setup(example, train_lib.build_model(args, 259), args)
+  if method == "q_galore_adamw":
+    m.tx = galore_jax.q_galore_adamw(
+        m.schedule, rank=16, update_proj_gap=5, scale=0.25, svd=svd,
+        state_bits=state_bits, projection_mask=train_lib.target_mask(m.train))
+  mesh = (train_lib.make_mesh(train_lib.parse_mesh(mesh_text))
+          if mesh_text else None)
+  where = train_lib.placement(m, mesh)
+  train, frozen, opt_state = train_lib.init_state(m, where)
+  key = jax.random.PRNGKey(0)
+  if mesh is not None:
+    key = jax.device_put(key, where.replicated)
+  corpus = _corpus()
+  tokens = data_lib.batch(corpus.train, 0, 8, 32, 0)
+  step = train_lib.compile_step(m, where, train, frozen, opt_state, key,
+                                tokens)
+  for i in range(STEPS):
+    batch = data_lib.batch(corpus.train, i, 8, 32, 0)
+    if mesh is not None:
+      batch = jax.device_put(batch, where.tokens)
+    train, opt_state, key, _ = step(train, frozen, opt_state, key, batch)
+  if mesh is not None:  # every array really is split over the mesh
+    kernel = train["layers"][0]["mlp"]["up"]["kernel"]
+    kernel = getattr(kernel, "codes", kernel)
+    assert len({str(s.index) for s in kernel.addressable_shards}) > 1
+  params = (galore_jax.dequantize_params(train) if method == "q_galore"
+            else train)
+  return jax.tree.map(np.asarray, params)
+
+
+_CORPUS = []
+
+
+def _corpus():
+  if not _CORPUS:
+    _CORPUS.append(data_lib.load(verbose=False))
+  return _CORPUS[0]
+
+
+_RUNS = {}
+
+
+def _run(method, mesh_text, svd, bits):
+  key = (method, mesh_text, svd, bits)
+  if key not in _RUNS:
+    _RUNS[key] = _train_llama(method, mesh_text, svd, bits)
+  return _RUNS[key]
+
+
+def _distance(a, b):
+  return np.sqrt(sum(float(np.sum((x - y) ** 2)) for x, y in
+                     zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def _initial(method):
+  example = "galore" if method == "q_galore_adamw" else method
+  args = train_lib.parser().parse_args(["--model", "llama-tiny"])
+  m = train_lib.setup(example, train_lib.build_model(args, 259), args)
+  return jax.tree.map(np.asarray, galore_jax.dequantize_params(m.train)
+                      if method == "q_galore" else m.train)
+
+
+@pytest.mark.parametrize("method,bits", [("galore", 8),
+                                         ("q_galore_adamw", 32)])
+@pytest.mark.parametrize("mesh_text", ["fsdp=8", "data=2,fsdp=4"])
+def test_llama_tiny_on_a_mesh_equals_one_device(method, bits, mesh_text):
+  want = _run(method, None, "exact", bits)
+  got = _run(method, mesh_text, "exact", bits)
+  norm = np.sqrt(sum(float(np.sum(b ** 2)) for b in jax.tree.leaves(want)))
+  assert _distance(got, want) <= 1e-5 * norm, _distance(got, want) / norm
+  assert _distance(want, _initial(method)) > 1e-2 * norm  # it trained
+
+
+@pytest.mark.parametrize("method,svd,bits", [
+    ("q_galore_adamw", "exact", 8),     # 8-bit moments
+    ("q_galore", "exact", 8),           # + INT8 weights, stochastic rounding
+    ("galore", "subspace_iteration", 8),
+])
+def test_llama_tiny_on_a_mesh_within_rounding_of_one_device(method, svd,
+                                                             bits):
+  """Where a tie can round either way, sharded sums' last-bit differences
+  flip some 8-bit codes (or rotate Ritz vectors of near-equal singular
+  values), and Adam's sign-like early steps carry the flip on. The runs
+  stay within a few percent of the distance they travelled."""
+  want = _run(method, None, svd, bits)
+  got = _run(method, "fsdp=8", svd, bits)
+  travelled = _distance(want, _initial(method))
+  assert _distance(got, want) <= 0.05 * travelled, (
+      _distance(got, want) / travelled)
+
+
+# ---------------------------------------------------------------------------
+# What a refresh gathers.
+
+
+def largest_all_gather(hlo_text: str) -> int:
+  """Elements of the largest all-gather result in compiled HLO text."""
+  sizes = [0]
+  for dims in re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(",
+                         hlo_text):
+    sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])))
+  return max(sizes)
+
+
+def _update_hlo(svd):
+  mesh = _mesh(1, 8)
+  params = {"up": jnp.ones((64, 176)), "down": jnp.ones((176, 64))}
+  shardings = jax.tree.map(
+      lambda x: NamedSharding(mesh, train_lib.fsdp_spec(x.shape, 8)), params)
+  tx = galore_jax.galore_adamw(1e-3, rank=16, svd=svd)
+  st = galore_jax.state_sharding(tx, params, shardings)
+  update = jax.jit(tx.update, in_shardings=(shardings, st, shardings),
+                   out_shardings=(shardings, st))
+  state = jax.eval_shape(tx.init, params)
+  return update.lower(params, state, params).compile().as_text()
+
+
+def test_subspace_iteration_refresh_never_gathers_a_gradient():
+  full = 64 * 176
+  exact = largest_all_gather(_update_hlo("exact"))
+  assert exact >= full  # the full SVD needs the whole gradient
+  for svd in ("subspace_iteration", "randomized"):
+    got = largest_all_gather(_update_hlo(svd))
+    assert got < full, (svd, got)
+    assert got <= 176 * (16 + 8)  # at most an m x (rank + oversample) basis
