@@ -110,9 +110,9 @@ def scale_by_galore(
       the current projector, ``power_iters`` multiplications by
       :math:`G G^\top`; the first refresh (step 0) is the randomized one.
       Neither runs a full SVD, so on a sharded gradient neither gathers it
-      whole onto one device. Both end with
-      a QR of an ``m x k`` matrix and the eigendecomposition of a ``k x k``
-      one (Rayleigh-Ritz). See :func:`galore_jax.projection.range_projectors`.
+      whole onto one device. Both end with a QR of an ``m x k`` matrix and
+      the eigendecomposition of a ``k x k`` one (Rayleigh-Ritz). See
+      :func:`galore_jax.projection.range_projectors`.
     power_iters: power iterations of the non-exact methods; default 1 for
       ``"randomized"``, 2 for ``"subspace_iteration"``.
     oversample: extra columns of the randomized range finder.

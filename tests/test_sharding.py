@@ -398,3 +398,42 @@ def test_subspace_iteration_refresh_never_gathers_a_gradient():
     got = largest_all_gather(_update_hlo(svd))
     assert got < full, (svd, got)
     assert got <= 176 * (16 + 8)  # at most an m x (rank + oversample) basis
+
+
+# ---------------------------------------------------------------------------
+# The example's --mesh flag.
+
+
+def test_parse_mesh():
+  assert train_lib.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+  assert train_lib.parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8}
+  for bad in ("tp=8", "fsdp=8,fsdp=1", "fsdp", "fsdp=0", "fsdp=two"):
+    with pytest.raises(ValueError):
+      train_lib.parse_mesh(bad)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--mesh", "model=8"], "--mesh: expected axes"),
+    (["--mesh", "data=3,fsdp=1", "--batch-size", "16"],
+     "must be divisible by the mesh's data=3"),
+])
+def test_bad_mesh_flags(argv, msg, capsys):
+  with pytest.raises(SystemExit) as e:
+    train_lib.main(["--model", "llama-tiny", "--steps", "1"] + argv)
+  assert e.value.code == 2
+  assert msg in capsys.readouterr().err
+
+
+def test_mesh_needs_the_device_count(tmp_path, capsys):
+  code = train_lib.main(["--model", "llama-tiny", "--steps", "1", "--mesh",
+                         "fsdp=4", "--out", str(tmp_path), "--no-progress"])
+  assert code == 2
+  assert "needs 4 devices, this host has 8" in capsys.readouterr().err
+
+
+def test_fsdp_spec_splits_the_largest_divisible_axis():
+  assert train_lib.fsdp_spec((64, 176), 8) == P(None, "fsdp")
+  assert train_lib.fsdp_spec((2, 64, 176), 8) == P(None, None, "fsdp")
+  assert train_lib.fsdp_spec((259, 64), 8) == P(None, "fsdp")
+  assert train_lib.fsdp_spec((7,), 8) == P()
+  assert train_lib.fsdp_spec((64, 176), 1) == P()
