@@ -33,9 +33,11 @@ last two), the leaf of shape ``S`` gets:
 * ``S`` starting with ``P``'s batch axes and shorter (per-layer state of a
   stacked leaf: Q-GaLore's codes, gap, queue): ``b`` then ``None``.
 * 8-bit moments (:class:`~galore_jax.adam_8bit.BlockwiseCodes`, codes
-  ``(blocks, block_size)``): the blocks over the mesh axes of ``p`` when
-  their product divides them, else the codes within each block (``absmax``
-  replicated), else replicated.
+  ``(blocks, block_size)``), over the mesh axes of ``p``: the blocks for a
+  param-shaped moment of a param split along its leading axis (blocks are
+  runs of its rows); otherwise the codes within each block, ``absmax``
+  whole (a low-rank moment's row-major blocks cannot follow a column split,
+  and XLA would gather the gradient to match); else whatever divides.
 * Q-GaLore's INT4 projector codes are replicated along every axis but the
   stacked-layer ones: they hold the rank axis in their flattened rows, and
   at an eighth of a float32 projector they are the smallest part.
@@ -168,17 +170,31 @@ def _leaf_spec(shape: tuple, param: tuple, side: str | None, mesh) -> tuple:
 
 def _block_specs(codes_shape: tuple, param: tuple, mesh) -> tuple:
   """Specs of 8-bit ``codes`` ``(blocks, block_size)`` and ``absmax``
-  ``(blocks,)``: the blocks over the param's mesh axes when those divide
-  them, else each block's codes (absmax replicated), else replicated."""
-  axes = tuple(a for entry in param[1] for a in _mesh_axes(entry))
+  ``(blocks,)`` over the mesh axes of the owning param.
+
+  A param-shaped moment of a param split along its leading axis only: the
+  blocks, contiguous runs of those rows. Otherwise (a low-rank moment, whose
+  row-major blocks cannot follow a split of its columns): the codes within
+  each block, absmax whole, so XLA need not gather the gradient to match.
+  Then the blocks if that is all that divides; else replicated.
+  """
+  p_shape, p, _ = param
+  axes = tuple(a for entry in p for a in _mesh_axes(entry))
+  if not axes or len(codes_shape) != 2:
+    return (None,) * len(codes_shape), (None,)
   size = math.prod(mesh.shape[a] for a in axes)
-  entry = (axes if len(axes) > 1 else axes[0]) if axes else None
-  if entry is not None and len(codes_shape) == 2:
-    if codes_shape[0] % size == 0:
-      return (entry, None), (entry,)
-    if codes_shape[1] % size == 0:
-      return (None, entry), (None,)
-  return (None,) * len(codes_shape), (None,)
+  entry = axes if len(axes) > 1 else axes[0]
+  blocks, block = codes_shape
+  param_shaped = blocks == -(-math.prod(p_shape) // block)
+  lead_only = bool(p) and p[0] is not None and all(e is None for e in p[1:])
+  by_blocks = ((entry, None), (entry,))
+  if param_shaped and lead_only and blocks % size == 0:
+    return by_blocks
+  if block % size == 0:
+    return (None, entry), (None,)
+  if blocks % size == 0:
+    return by_blocks
+  return (None, None), (None,)
 
 
 def state_sharding(tx: optax.GradientTransformation, params: Any,

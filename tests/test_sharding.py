@@ -87,20 +87,26 @@ def test_galore_state_follows_the_param_axes_and_never_splits_the_rank():
 
 def test_q_galore_state_shardings():
   mesh = _mesh(2, 4)
-  params = {"w": jnp.ones((64, 32)), "s": jnp.ones((4, 32, 64))}
+  params = {"w": jnp.ones((64, 32)), "s": jnp.ones((4, 32, 64)),
+            "e": jnp.ones((64, 16))}
   shardings = {"w": NamedSharding(mesh, P("fsdp")),
-               "s": NamedSharding(mesh, P("fsdp"))}  # split the layer axis
-  tx = galore_jax.q_galore_adamw(1e-3, rank=RANK, block_size=32,
-                                 min_8bit_size=1)
+               "s": NamedSharding(mesh, P("fsdp")),  # split the layer axis
+               "e": NamedSharding(mesh, P("fsdp"))}
+  tx = galore_jax.q_galore_adamw(
+      1e-3, rank=RANK, block_size=32, min_8bit_size=1,
+      projection_mask={"w": True, "s": True, "e": False})
   specs = _specs(galore_jax.state_sharding(tx, params, shardings))
   # Per-layer projector codes, gap and queue follow the stacked axis.
   for field in ("codes", "scales", "zeros", "vector", "queue"):
     assert specs[f"[0].projector['s'].{field}"] == ("fsdp", None)
     assert specs[f"[0].projector['w'].{field}"] == (None,)
   assert specs["[0].projector['s'].gap"] == ("fsdp",)
-  # 8-bit moments: blocks split over the param's mesh axis.
-  assert specs["[0].base_state.mu['w'].codes"] == ("fsdp", None)
-  assert specs["[0].base_state.mu['w'].absmax"] == ("fsdp",)
+  # 8-bit moments of an unprojected leaf split by row: blocks of its rows.
+  assert specs["[0].base_state.mu['e'].codes"] == ("fsdp", None)
+  assert specs["[0].base_state.mu['e'].absmax"] == ("fsdp",)
+  # Low-rank ones split within each block, absmax whole.
+  assert specs["[0].base_state.mu['w'].codes"] == (None, "fsdp")
+  assert specs["[0].base_state.mu['w'].absmax"] == (None,)
 
 
 def test_blocks_that_do_not_divide_split_within_blocks():
@@ -109,7 +115,8 @@ def test_blocks_that_do_not_divide_split_within_blocks():
   tx = galore_jax.adamw_8bit(1e-3, block_size=64, min_8bit_size=1)
   sh = galore_jax.state_sharding(tx, params,
                                  {"w": NamedSharding(mesh, P("fsdp"))})
-  # 15 blocks do not split over 8 devices; each block's 64 codes do.
+  # 15 blocks of the rows do not split over 8 devices; each block's 64
+  # codes do.
   assert sh[0].mu["w"].codes.spec == P(None, "fsdp")
   assert sh[0].mu["w"].absmax.spec == P(None)
   tx = galore_jax.adamw_8bit(1e-3, block_size=36, min_8bit_size=1)
@@ -377,12 +384,12 @@ def largest_all_gather(hlo_text: str) -> int:
   return max(sizes)
 
 
-def _update_hlo(svd):
+def _update_hlo(svd, make=galore_jax.galore_adamw):
   mesh = _mesh(1, 8)
   params = {"up": jnp.ones((64, 176)), "down": jnp.ones((176, 64))}
   shardings = jax.tree.map(
       lambda x: NamedSharding(mesh, train_lib.fsdp_spec(x.shape, 8)), params)
-  tx = galore_jax.galore_adamw(1e-3, rank=16, svd=svd)
+  tx = make(1e-3, rank=16, svd=svd)
   st = galore_jax.state_sharding(tx, params, shardings)
   update = jax.jit(tx.update, in_shardings=(shardings, st, shardings),
                    out_shardings=(shardings, st))
@@ -390,12 +397,14 @@ def _update_hlo(svd):
   return update.lower(params, state, params).compile().as_text()
 
 
-def test_subspace_iteration_refresh_never_gathers_a_gradient():
+@pytest.mark.parametrize("make", [galore_jax.galore_adamw,
+                                  galore_jax.q_galore_adamw])
+def test_subspace_iteration_refresh_never_gathers_a_gradient(make):
   full = 64 * 176
-  exact = largest_all_gather(_update_hlo("exact"))
+  exact = largest_all_gather(_update_hlo("exact", make))
   assert exact >= full  # the full SVD needs the whole gradient
   for svd in ("subspace_iteration", "randomized"):
-    got = largest_all_gather(_update_hlo(svd))
+    got = largest_all_gather(_update_hlo(svd, make))
     assert got < full, (svd, got)
     assert got <= 176 * (16 + 8)  # at most an m x (rank + oversample) basis
 
