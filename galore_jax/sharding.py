@@ -84,7 +84,7 @@ def _mesh_axes(entry: Any) -> tuple:
 
 
 def _param_table(params: Any, param_shardings: Any):
-  """``{param path: (shape, per-axis spec)}`` and the common mesh."""
+  """``{param path: (shape, per-axis spec, sharding)}`` and the mesh."""
   with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   try:
     shardings = treedef.flatten_up_to(param_shardings)
