@@ -10,7 +10,6 @@ step times as ratios to adamw's, all measured in this one process.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -20,38 +19,17 @@ import jax.numpy as jnp
 import optax
 
 import galore_jax
+from _llama_stack import init_params as _init_params
+from _llama_stack import kernel_shapes
+from _llama_stack import loss_fn
 
 # LLaMA-60M (REFERENCE.md §1): hidden 512, intermediate 1376, 8 layers.
 HIDDEN, FFN, LAYERS = 512, 1376, 8
-MATRICES = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, HIDDEN), "v": (HIDDEN, HIDDEN),
-            "o": (HIDDEN, HIDDEN), "gate": (HIDDEN, FFN), "up": (HIDDEN, FFN),
-            "down": (FFN, HIDDEN)}
+MATRICES = kernel_shapes(HIDDEN, FFN)
 
 
 def init_params(key):
-  params = {}
-  for i in range(LAYERS):
-    layer = {"attn_norm": jnp.ones((HIDDEN,)), "mlp_norm": jnp.ones((HIDDEN,))}
-    for name, shape in MATRICES.items():
-      key, sub = jax.random.split(key)
-      layer[name] = jax.random.normal(sub, shape) / math.sqrt(shape[0])
-    params[f"layer_{i}"] = layer
-  return params
-
-
-def rms_norm(x, scale):
-  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
-
-
-def loss_fn(params, x_TxD):
-  h = x_TxD
-  for i in range(LAYERS):
-    p = params[f"layer_{i}"]
-    a = rms_norm(h, p["attn_norm"])
-    h = h + ((a @ p["q"]) * jnp.tanh(a @ p["k"]) + a @ p["v"]) @ p["o"]
-    m = rms_norm(h, p["mlp_norm"])
-    h = h + (jax.nn.silu(m @ p["gate"]) * (m @ p["up"])) @ p["down"]
-  return jnp.mean(h * h)
+  return _init_params(key, HIDDEN, FFN, LAYERS)
 
 
 def make_step(opt):

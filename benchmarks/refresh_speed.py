@@ -26,40 +26,13 @@ import jax.numpy as jnp
 import optax
 
 import galore_jax
+from _llama_stack import init_params
+from _llama_stack import loss_fn
 
 SHAPES = {  # hidden, ffn, layers, the paper's rank
     "llama-60m": (512, 1376, 8, 128),
     "llama-1b": (2048, 5461, 24, 512),
 }
-
-
-def init_params(key, hidden, ffn, layers):
-  shapes = {"q": (hidden, hidden), "k": (hidden, hidden),
-            "v": (hidden, hidden), "o": (hidden, hidden),
-            "gate": (hidden, ffn), "up": (hidden, ffn), "down": (ffn, hidden)}
-  params = {}
-  for i in range(layers):
-    layer = {"attn_norm": jnp.ones((hidden,)), "mlp_norm": jnp.ones((hidden,))}
-    for name, shape in shapes.items():
-      key, sub = jax.random.split(key)
-      layer[name] = jax.random.normal(sub, shape) * shape[0] ** -0.5
-    params[f"layer_{i}"] = layer
-  return params
-
-
-def rms_norm(x, scale):
-  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
-
-
-def loss_fn(params, x_TxD):
-  h = x_TxD
-  for name in sorted(params):
-    p = params[name]
-    a = rms_norm(h, p["attn_norm"])
-    h = h + ((a @ p["q"]) * jnp.tanh(a @ p["k"]) + a @ p["v"]) @ p["o"]
-    m = rms_norm(h, p["mlp_norm"])
-    h = h + (jax.nn.silu(m @ p["gate"]) * (m @ p["up"])) @ p["down"]
-  return jnp.mean(h * h)
 
 
 def step_times(opt, params, x, steps):

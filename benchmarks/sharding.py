@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 import galore_jax  # noqa: E402
 from examples.llama import train as train_lib  # noqa: E402
+from _llama_stack import kernel_shapes  # noqa: E402
 
 SHAPES = {  # hidden, ffn, layers, the paper's rank
     "llama-60m": (512, 1376, 8, 128),
@@ -42,11 +43,9 @@ SHAPES = {  # hidden, ffn, layers, the paper's rank
 
 
 def kernels(hidden, ffn, layers):
-  shapes = {"q": (hidden, hidden), "k": (hidden, hidden),
-            "v": (hidden, hidden), "o": (hidden, hidden),
-            "gate": (hidden, ffn), "up": (hidden, ffn), "down": (ffn, hidden)}
   return {f"layer_{i}": {n: jax.ShapeDtypeStruct(s, jnp.float32)
-                         for n, s in shapes.items()} for i in range(layers)}
+                         for n, s in kernel_shapes(hidden, ffn).items()}
+          for i in range(layers)}
 
 
 def mesh_of(fsdp):

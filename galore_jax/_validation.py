@@ -27,6 +27,13 @@ def static(name: str, value: Any, what: str) -> None:
     )
 
 
+def boolean(name: str, value: Any) -> bool:
+  """Returns ``value`` if it is a Python bool (a static switch)."""
+  if not isinstance(value, bool):
+    raise TypeError(f"`{name}` must be a bool, got {value!r}")
+  return value
+
+
 def positive_int(name: str, value: Any) -> int:
   """Returns ``value`` if it is a positive Python/NumPy int (not a bool)."""
   static(name, value, "a positive int")

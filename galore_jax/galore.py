@@ -167,8 +167,7 @@ def scale_by_galore(
   if power_iters is None:
     power_iters = projection.DEFAULT_POWER_ITERS.get(svd, 1)
   projection.check_svd(svd, power_iters, oversample)
-  if not isinstance(stagger, bool):
-    raise TypeError(f"`stagger` must be a bool, got {stagger!r}")
+  _validation.boolean("stagger", stagger)
   _validation.concrete_number("seed", seed, integer=True)
 
   def refresh(g2, proj, spec, count):

@@ -234,8 +234,7 @@ def scale_by_q_galore(
     power_iters = projection.DEFAULT_POWER_ITERS.get(svd, 1)
   projection.check_svd(svd, power_iters, oversample)
   _validation.concrete_number("seed", seed, integer=True)
-  if not isinstance(stagger, bool):
-    raise TypeError(f"`stagger` must be a bool, got {stagger!r}")
+  _validation.boolean("stagger", stagger)
 
   def layer_shape(spec):
     shapes = spec.projector_shapes
