@@ -153,6 +153,41 @@ def _t(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, -1, -2)
 
 
+def _per_matrix(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """``fn``, a LAPACK-backed linear-algebra call, one matrix at a time on CPU.
+
+  jaxlib's CPU kernels split a batch of matrices over XLA's intra-op thread
+  pool and block until every piece is done. With several CPU devices each
+  device's program may itself be running on a pool thread; once every thread
+  waits that way, the pieces queued behind them never run and the step hangs
+  (8 host devices, a stacked leaf, the refresh under ``optax.MultiSteps``).
+  A single matrix runs inline, so on CPU the batch is a ``lax.map`` loop (no
+  slower here: each call still uses the threaded BLAS); other platforms keep
+  the batched call. All arguments share the batch axes (all but the last 2).
+  """
+
+  def mapped(*xs):
+    batch = xs[0].shape[:-2]
+    flat = tuple(x.reshape((-1,) + x.shape[-2:]) for x in xs)
+    out = jax.lax.map(lambda x: fn(*x), flat)
+    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+  def call(*xs):
+    if math.prod(xs[0].shape[:-2]) <= 1:
+      return fn(*xs)
+    return jax.lax.platform_dependent(*xs, cpu=mapped, default=fn)
+
+  return call
+
+
+_svd = _per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False))
+_eigh = _per_matrix(jnp.linalg.eigh)
+_qr = _per_matrix(jnp.linalg.qr)
+_cholesky = _per_matrix(jnp.linalg.cholesky)
+_solve_lower = _per_matrix(
+    lambda low, b: jax.scipy.linalg.solve_triangular(low, b, lower=True))
+
+
 def project(g: jax.Array, proj: Projectors, spec: LeafSpec) -> jax.Array:
   """Low-rank coordinates of the matrix view ``g`` (see module docstring)."""
   if spec.use_row:
@@ -190,7 +225,7 @@ def svd_projectors(g: jax.Array, spec: LeafSpec, dtype) -> Projectors:
   ``col`` the leading right singular vectors as columns (``Vh[:r]ᵀ``), both
   sign-canonical and cast to ``dtype``.
   """
-  u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+  u, _, vh = _svd(g.astype(jnp.float32))
   r = spec.rank
   row = col = optax.MaskedNode()
   if spec.use_row:
@@ -246,14 +281,14 @@ def _condition(y: jax.Array) -> jax.Array:
   """
   c = jnp.matmul(_t(y), y)
   s = _SHIFT * jnp.trace(c, axis1=-2, axis2=-1)[..., None, None] + 1e-30
-  low = jnp.linalg.cholesky(c + s * jnp.eye(y.shape[-1], dtype=y.dtype))
-  return _t(jax.scipy.linalg.solve_triangular(low, _t(y), lower=True))
+  low = _cholesky(c + s * jnp.eye(y.shape[-1], dtype=y.dtype))
+  return _t(_solve_lower(low, _t(y)))
 
 
 def _orthonormal(y: jax.Array) -> jax.Array:
   """An orthonormal basis of ``y``'s columns (Householder QR: always
   orthonormal, rank-deficient ``y`` included)."""
-  return jnp.linalg.qr(y)[0]
+  return _qr(y)[0]
 
 
 def _ritz_projectors(a: jax.Array, q: jax.Array, spec: LeafSpec, dtype,
@@ -271,10 +306,10 @@ def _ritz_projectors(a: jax.Array, q: jax.Array, spec: LeafSpec, dtype,
   r = spec.rank
   b = jnp.matmul(_t(a), q)  # cols(a) x k
   if spec.use_row and spec.use_col:
-    w, _, vh = jnp.linalg.svd(_t(b), full_matrices=False)
+    w, _, vh = _svd(_t(b))
     u_r, v_r = jnp.matmul(q, w[..., :, :r]), _t(vh[..., :r, :])
   else:
-    _, w = jnp.linalg.eigh(jnp.matmul(_t(b), b))  # ascending eigenvalues
+    _, w = _eigh(jnp.matmul(_t(b), b))  # ascending eigenvalues
     u_r, v_r = jnp.matmul(q, w[..., :, ::-1][..., :, :r]), None
   if not left:  # a = gᵀ: its left vectors are g's right ones
     u_r, v_r = v_r, u_r
