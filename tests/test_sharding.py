@@ -5,7 +5,13 @@ example trained on a (fsdp=8) or (data=2, fsdp=4) mesh equals one device;
 the subspace-iteration refresh never gathers a whole gradient.
 """
 
+import json
+import os
+import pathlib
 import re
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -494,6 +500,11 @@ def test_parse_mesh():
     (["--mesh", "model=8"], "--mesh: expected axes"),
     (["--mesh", "data=3,fsdp=1", "--batch-size", "16"],
      "must be divisible by the mesh's data=3"),
+    (["--coordinator", "localhost:1234"], "--coordinator needs --distributed"),
+    (["--distributed", "--num-processes", "0"],
+     "--num-processes must be >= 1"),
+    (["--distributed", "--num-processes", "2", "--process-id", "2"],
+     "--process-id must be in [0, --num-processes)"),
 ])
 def test_bad_mesh_flags(argv, msg, capsys):
   with pytest.raises(SystemExit) as e:
@@ -506,7 +517,7 @@ def test_mesh_needs_the_device_count(tmp_path, capsys):
   code = train_lib.main(["--model", "llama-tiny", "--steps", "1", "--mesh",
                          "fsdp=4", "--out", str(tmp_path), "--no-progress"])
   assert code == 2
-  assert "needs 4 devices, this host has 8" in capsys.readouterr().err
+  assert "needs 4 devices, there are 8" in capsys.readouterr().err
 
 
 def test_stacked_layers_with_accumulation_train_on_a_mesh(tmp_path):
@@ -518,6 +529,45 @@ def test_stacked_layers_with_accumulation_train_on_a_mesh(tmp_path):
       "--steps", "4", "--update-proj-gap", "2", "--batch-size", "8",
       "--seq-len", "32", "--eval-every", "4", "--eval-batches", "1",
       "--out", str(tmp_path), "--no-progress"]) == 0
+
+
+def _free_port():
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """--distributed: 2 processes of 4 CPU devices each (gloo collectives)
+  train as one process with 8 devices does, on the same mesh."""
+  args = ["--model", "llama-tiny", "--method", "galore", "--svd", "exact",
+          "--mesh", "data=2,fsdp=4", "--steps", "6", "--update-proj-gap",
+          "3", "--batch-size", "8", "--seq-len", "32", "--eval-every", "3",
+          "--eval-batches", "2", "--no-progress"]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="4",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "examples.llama.train", "--distributed",
+       "--coordinator", f"localhost:{port}", "--num-processes", "2",
+       "--process-id", str(i), "--out", str(tmp_path / "two")] + args,
+      cwd=pathlib.Path(__file__).parents[1], env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert "val" in logs[0] and "val" not in logs[1]  # process 0 reports
+  assert train_lib.main(args + ["--out", str(tmp_path / "one")]) == 0
+
+  def losses(run):
+    lines = (tmp_path / run / "galore" / "metrics.jsonl").read_text()
+    return [r.get("loss", r.get("val_loss")) for r in
+            map(json.loads, lines.splitlines())]
+
+  one, two = losses("one"), losses("two")
+  assert len(one) == len(two) == 8  # 6 train losses, 2 validation losses
+  np.testing.assert_allclose(two, one, rtol=1e-5)
 
 
 def test_fsdp_spec_splits_the_largest_divisible_axis():

@@ -7,6 +7,7 @@ LoRA or QLoRA, on one GPU or on CPU.
       --data corpus.txt --dtype bf16 --batch-size 64 --seq-len 256
   python -m examples.llama.train --init-from ./hf-llama --method galore ...
   python -m examples.llama.train ... --resume          # continue exactly
+  python -m examples.llama.train ... --distributed --mesh data=2,fsdp=16  # each host
 
 Writes to ``--out/<method>/``: ``metrics.jsonl`` (train loss every step,
 validation loss and perplexity every ``--eval-every``), ``result.json``,
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -43,6 +45,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -140,6 +143,17 @@ def parser() -> argparse.ArgumentParser:
     help="shard over a device mesh: the batch over 'data', params and"
          " optimizer state over 'fsdp'; D*F must equal the device count"
          " (CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  a("--distributed", action="store_true",
+    help="several hosts (processes): call jax.distributed.initialize()"
+         " first; run the same command on every host, with --mesh over all"
+         " their devices. Under SLURM or Open MPI it finds its peers;"
+         " elsewhere give the three flags below")
+  a("--coordinator", default=None, metavar="HOST:PORT",
+    help="--distributed: process 0's address (or JAX_COORDINATOR_ADDRESS)")
+  a("--num-processes", type=int, default=None,
+    help="--distributed: how many processes")
+  a("--process-id", type=int, default=None,
+    help="--distributed: this process's index, 0 to --num-processes - 1")
   a("--no-progress", action="store_true", help="no progress bar")
   return p
 
@@ -173,6 +187,16 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
               f" {', '.join(METHODS)}")
   if args.init_from is not None and not pathlib.Path(args.init_from).is_dir():
     p.error(f"--init-from: {args.init_from} is not a directory")
+  given = [f for f in ("coordinator", "num_processes", "process_id")
+           if getattr(args, f) is not None]
+  if given and not args.distributed:
+    p.error(f"--{given[0].replace('_', '-')} needs --distributed")
+  if args.num_processes is not None and args.num_processes < 1:
+    p.error(f"--num-processes must be >= 1, got {args.num_processes}")
+  if args.process_id is not None and not (
+      0 <= args.process_id < (args.num_processes or args.process_id + 1)):
+    p.error(f"--process-id must be in [0, --num-processes), got"
+            f" {args.process_id}")
   if args.mesh is not None:
     try:
       sizes = parse_mesh(args.mesh)
@@ -353,7 +377,7 @@ def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
   n = math.prod(sizes.values())
   if n != jax.device_count():
     raise ValueError(
-        f"--mesh {sizes} needs {n} devices, this host has"
+        f"--mesh {sizes} needs {n} devices, there are"
         f" {jax.device_count()} ({jax.devices()[0].platform}); on CPU set"
         f" XLA_FLAGS=--xla_force_host_platform_device_count={n}")
   return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
@@ -375,6 +399,19 @@ def param_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   n = mesh.shape["fsdp"]
   return jax.tree.map(
       lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)), tree)
+
+
+def to_mesh(tree: Any, shardings: Any) -> Any:
+  """``tree`` placed by ``shardings``. With several processes each one
+  holds the same values and writes only its own devices' shards."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+  return jax.tree.map(put, tree, shardings)
 
 
 @dataclasses.dataclass
@@ -416,8 +453,8 @@ def init_state(m: "Method", where: Placement):
     params = (galore_jax.dequantize_params(m.train) if m.name == "q_galore"
               else m.train)
     return m.train, m.frozen, m.tx.init(params)
-  train = jax.device_put(m.train, where.train)
-  frozen = jax.device_put(m.frozen, where.frozen)
+  train = to_mesh(m.train, where.train)
+  frozen = to_mesh(m.frozen, where.frozen)
   if m.name == "q_galore":
     init = lambda t: m.tx.init(galore_jax.dequantize_params(t))
   else:
@@ -505,39 +542,61 @@ def _progress(total: int, initial: int, disable: bool):
               dynamic_ncols=True)
 
 
+def _lead() -> bool:
+  """Whether this process writes files and prints (the first one)."""
+  return jax.process_index() == 0
+
+
+def _say(*a, **kw):
+  if _lead():
+    print(*a, **kw)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def run(args, method: str, corpus: data_lib.Corpus) -> dict:
-  """Trains one method; returns its result (also written to result.json)."""
+  """Trains one method; returns its result (also written to result.json).
+
+  With several processes all of them train; the first one alone writes
+  files and prints, and every one builds the same batches.
+  """
   out = pathlib.Path(args.out) / method
   ckpt_dir = out / "ckpt"
   run_args = {k: getattr(args, k) for k in _STATE_ARGS}
   run_args["method"] = method
-  if args.resume and (out / "args.json").is_file():
+  fresh = not (args.resume and (out / "args.json").is_file())
+  if not fresh:
     saved = json.loads((out / "args.json").read_text())
     diff = {k: (saved.get(k), v) for k, v in run_args.items()
             if saved.get(k) != v}
     if diff:
       raise ValueError(f"--resume: these settings differ from the saved run"
                        f" in {out} (saved, now): {diff}")
-  elif out.exists():
-    shutil.rmtree(out)  # a fresh run replaces the old one
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "args.json").write_text(json.dumps(run_args, indent=1))
+  if _lead():
+    if fresh and out.exists():
+      shutil.rmtree(out)  # a fresh run replaces the old one
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps(run_args, indent=1))
+  _barrier(f"{method}: output directory ready")
 
   model = build_model(args, corpus.vocab_size)
   n_params = model_lib.count_params(model)
   m = setup(method, model, args)
   del model
-  print(f"[{method}] {n_params:,} params; "
+  _say(f"[{method}] {n_params:,} params; "
         + "; ".join(f"{k}: {v:,}" for k, v in m.groups.items()), flush=True)
   mesh = None if args.mesh is None else make_mesh(parse_mesh(args.mesh))
   where = placement(m, mesh)
   if mesh is not None:
-    print(f"[{method}] mesh {dict(mesh.shape)}: batch over 'data', params"
+    _say(f"[{method}] mesh {dict(mesh.shape)}: batch over 'data', params"
           " and optimizer state over 'fsdp'", flush=True)
   train, frozen, opt_state = init_state(m, where)
   key = jax.random.PRNGKey(args.seed)
   if mesh is not None:
-    key = jax.device_put(key, where.replicated)
+    key = to_mesh(key, where.replicated)
   state = {"train": train, "frozen": frozen, "opt_state": opt_state,
            "key": key, "step": np.int64(0), "position": np.int64(0)}
 
@@ -549,9 +608,9 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
     if int(state["step"]) != start:
       raise ValueError(f"checkpoint {start} in {ckpt_dir} holds step"
                        f" {int(state['step'])}")
-    print(f"[{method}] resumed from step {start} ({ckpt_dir})", flush=True)
+    _say(f"[{method}] resumed from step {start} ({ckpt_dir})", flush=True)
   elif args.resume:
-    print(f"[{method}] --resume: no checkpoint in {ckpt_dir}; starting fresh",
+    _say(f"[{method}] --resume: no checkpoint in {ckpt_dir}; starting fresh",
           flush=True)
   train, frozen, opt_state, key = (state["train"], state["frozen"],
                                    state["opt_state"], state["key"])
@@ -564,20 +623,21 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   step = compile_step(m, where, train, frozen, opt_state, key, tokens)
   compile_s = time.perf_counter() - t0
   put = ((lambda b: b) if mesh is None
-         else (lambda b: jax.device_put(b, where.tokens)))
+         else (lambda b: to_mesh(b, where.tokens)))
   memory = memory_figures(step)
-  print(f"[{method}] train step compiled in {compile_s:.1f} s; XLA memory:"
+  _say(f"[{method}] train step compiled in {compile_s:.1f} s; XLA memory:"
         f" {memory['total'] / 2**20:,.1f} MiB (args {memory['argument']:,},"
         f" temp {memory['temp']:,} bytes)", flush=True)
   evaluate = jax.jit(eval_fn)
   val_tokens = data_lib.eval_batches(
       corpus.val, args.eval_batches, args.batch_size, args.seq_len)
-  val_tokens = (jnp.asarray(val_tokens) if mesh is None else jax.device_put(
+  val_tokens = (jnp.asarray(val_tokens) if mesh is None else to_mesh(
       val_tokens, NamedSharding(mesh, P(None, "data"))))
   tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
 
-  metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
-  bar = _progress(args.steps, start, args.no_progress)
+  metrics_file = open(out / "metrics.jsonl" if _lead() else os.devnull, "a",
+                      encoding="utf-8")
+  bar = _progress(args.steps, start, args.no_progress or not _lead())
   train_time, train_tokens = 0.0, 0
   last_val = None
   pending = None  # (step, [micro-step metrics]) not yet checked on the host
@@ -637,7 +697,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
             last_val = val
             log({"step": s + 1, "val_loss": val, "val_ppl": math.exp(val)})
             if bar is None:
-              print(f"[{method}] step {s + 1}: loss {loss:.4f}, val"
+              _say(f"[{method}] step {s + 1}: loss {loss:.4f}, val"
                     f" {val:.4f}", flush=True)
           if last or (s + 1) % args.save_every == 0 or interrupt.hit:
             save(s + 1)
@@ -645,7 +705,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
           seg_start, seg_tokens = time.perf_counter(), 0
           if interrupt.hit and not last:
             status = "interrupted"
-            print(f"[{method}] saved step {s + 1} to {ckpt_dir}; resume with"
+            _say(f"[{method}] saved step {s + 1} to {ckpt_dir}; resume with"
                   " --resume", file=sys.stderr, flush=True)
             break
         if bar is not None:
@@ -675,7 +735,8 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
       "device_peak_bytes": device_peak_bytes(), "status": status,
       "lr": float(m.schedule(int(args.warmup * args.steps))),
   }
-  (out / "result.json").write_text(json.dumps(result, indent=1))
+  if _lead():
+    (out / "result.json").write_text(json.dumps(result, indent=1))
   return result
 
 
@@ -756,10 +817,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p = parser()
   args = p.parse_args(argv)
   _check_args(p, args)
+  if args.distributed:
+    jax.distributed.initialize(args.coordinator, args.num_processes,
+                               args.process_id)
   methods = ([x for x in args.compare.split(",") if x] if args.compare
              else [args.method])
   try:
-    corpus = data_lib.load(args.data, args.tokenizer)
+    corpus = data_lib.load(args.data, args.tokenizer, verbose=_lead())
     for method in methods:
       r = run(args, method, corpus)
       if r["status"] != "done":
@@ -770,9 +834,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  plot(args.out)
-  print(summary(args.out), flush=True)
-  print(f"plot: {pathlib.Path(args.out) / 'loss.png'}", flush=True)
+  if _lead():
+    plot(args.out)
+    print(summary(args.out), flush=True)
+    print(f"plot: {pathlib.Path(args.out) / 'loss.png'}", flush=True)
   return 0 if r["status"] == "done" else 130
 
 
