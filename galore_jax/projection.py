@@ -161,9 +161,10 @@ def _per_matrix(fn: Callable[..., Any]) -> Callable[..., Any]:
   device's program may itself be running on a pool thread; once every thread
   waits that way, the pieces queued behind them never run and the step hangs
   (8 host devices, a stacked leaf, the refresh under ``optax.MultiSteps``).
-  A single matrix runs inline, so on CPU the batch is a ``lax.map`` loop (no
-  slower here: each call still uses the threaded BLAS); other platforms keep
-  the batched call. All arguments share the batch axes (all but the last 2).
+  A single matrix runs inline, so on CPU the batch is a ``lax.map`` loop
+  (no slower in total on one device: ``benchmarks/cpu_linalg.py``); other
+  platforms keep the batched call. All arguments share the batch axes (all
+  but the last two).
   """
 
   def mapped(*xs):

@@ -505,6 +505,7 @@ def test_parse_mesh():
      "--num-processes must be >= 1"),
     (["--distributed", "--num-processes", "2", "--process-id", "2"],
      "--process-id must be in [0, --num-processes)"),
+    (["--distributed"], "--distributed needs a --mesh"),
 ])
 def test_bad_mesh_flags(argv, msg, capsys):
   with pytest.raises(SystemExit) as e:

@@ -197,6 +197,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
       0 <= args.process_id < (args.num_processes or args.process_id + 1)):
     p.error(f"--process-id must be in [0, --num-processes), got"
             f" {args.process_id}")
+  if args.distributed and args.mesh is None:
+    p.error("--distributed needs a --mesh over the devices of every process")
   if args.mesh is not None:
     try:
       sizes = parse_mesh(args.mesh)
@@ -587,12 +589,12 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   m = setup(method, model, args)
   del model
   _say(f"[{method}] {n_params:,} params; "
-        + "; ".join(f"{k}: {v:,}" for k, v in m.groups.items()), flush=True)
+       + "; ".join(f"{k}: {v:,}" for k, v in m.groups.items()), flush=True)
   mesh = None if args.mesh is None else make_mesh(parse_mesh(args.mesh))
   where = placement(m, mesh)
   if mesh is not None:
     _say(f"[{method}] mesh {dict(mesh.shape)}: batch over 'data', params"
-          " and optimizer state over 'fsdp'", flush=True)
+         " and optimizer state over 'fsdp'", flush=True)
   train, frozen, opt_state = init_state(m, where)
   key = jax.random.PRNGKey(args.seed)
   if mesh is not None:
@@ -611,7 +613,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
     _say(f"[{method}] resumed from step {start} ({ckpt_dir})", flush=True)
   elif args.resume:
     _say(f"[{method}] --resume: no checkpoint in {ckpt_dir}; starting fresh",
-          flush=True)
+         flush=True)
   train, frozen, opt_state, key = (state["train"], state["frozen"],
                                    state["opt_state"], state["key"])
   position = int(state["position"])
@@ -626,8 +628,8 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
          else (lambda b: to_mesh(b, where.tokens)))
   memory = memory_figures(step)
   _say(f"[{method}] train step compiled in {compile_s:.1f} s; XLA memory:"
-        f" {memory['total'] / 2**20:,.1f} MiB (args {memory['argument']:,},"
-        f" temp {memory['temp']:,} bytes)", flush=True)
+       f" {memory['total'] / 2**20:,.1f} MiB (args {memory['argument']:,},"
+       f" temp {memory['temp']:,} bytes)", flush=True)
   evaluate = jax.jit(eval_fn)
   val_tokens = data_lib.eval_batches(
       corpus.val, args.eval_batches, args.batch_size, args.seq_len)
@@ -698,7 +700,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
             log({"step": s + 1, "val_loss": val, "val_ppl": math.exp(val)})
             if bar is None:
               _say(f"[{method}] step {s + 1}: loss {loss:.4f}, val"
-                    f" {val:.4f}", flush=True)
+                   f" {val:.4f}", flush=True)
           if last or (s + 1) % args.save_every == 0 or interrupt.hit:
             save(s + 1)
           metrics_file.flush()
@@ -706,7 +708,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
           if interrupt.hit and not last:
             status = "interrupted"
             _say(f"[{method}] saved step {s + 1} to {ckpt_dir}; resume with"
-                  " --resume", file=sys.stderr, flush=True)
+                 " --resume", file=sys.stderr, flush=True)
             break
         if bar is not None:
           bar.update(1)
