@@ -9,9 +9,11 @@ import json
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -538,13 +540,10 @@ def _free_port():
     return sock.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path):
-  """--distributed: 2 processes of 4 CPU devices each (gloo collectives)
-  train as one process with 8 devices does, on the same mesh."""
-  args = ["--model", "llama-tiny", "--method", "galore", "--svd", "exact",
-          "--mesh", "data=2,fsdp=4", "--steps", "6", "--update-proj-gap",
-          "3", "--batch-size", "8", "--seq-len", "32", "--eval-every", "3",
-          "--eval-batches", "2", "--no-progress"]
+def _two_processes(out, args, interrupt_at=None):
+  """Runs the example as 2 processes of 4 CPU devices each (gloo); with
+  ``interrupt_at``, Ctrl-C reaches process 1 alone once process 0 prints
+  that text. Returns both exit codes and process 0's output."""
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="4",
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -552,23 +551,55 @@ def test_two_processes_train_like_one(tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, "-m", "examples.llama.train", "--distributed",
        "--coordinator", f"localhost:{port}", "--num-processes", "2",
-       "--process-id", str(i), "--out", str(tmp_path / "two")] + args,
-      cwd=pathlib.Path(__file__).parents[1], env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+       "--process-id", str(i), "--out", str(out)] + args,
+      cwd=pathlib.Path(__file__).parents[1], env=env, text=True,
+      stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+      stderr=subprocess.STDOUT if i == 0 else None)
       for i in range(2)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], logs
-  assert "val" in logs[0] and "val" not in logs[1]  # process 0 reports
+  # A hang (say, processes stopping after different steps) fails the test.
+  watchdog = threading.Timer(300, lambda: [p.kill() for p in procs])
+  watchdog.start()
+  lead = []
+  try:
+    for line in procs[0].stdout:
+      lead.append(line)
+      if interrupt_at is not None and interrupt_at in line:
+        procs[1].send_signal(signal.SIGINT)
+        interrupt_at = None
+    codes = [p.wait() for p in procs]
+  finally:
+    watchdog.cancel()
+  return codes, "".join(lead)
+
+
+def test_two_processes_train_like_one_and_resume_together(tmp_path):
+  """--distributed: 2 processes of 4 CPU devices train as one process with
+  8 devices does, on the same mesh. A Ctrl-C that reaches one process only
+  stops both after the same step, and --resume continues exactly."""
+  args = ["--model", "llama-tiny", "--method", "galore", "--svd", "exact",
+          "--mesh", "data=2,fsdp=4", "--steps", "30", "--update-proj-gap",
+          "7", "--batch-size", "8", "--seq-len", "32", "--eval-every", "10",
+          "--save-every", "10", "--eval-batches", "2", "--no-progress"]
+  codes, log = _two_processes(tmp_path / "two", args,
+                              interrupt_at="step 10:")
+  assert codes == [130, 130], log
+  stopped = re.search(r"saved step (\d+)", log)
+  assert stopped and 10 < int(stopped.group(1)) < 30, log
+  codes, log = _two_processes(tmp_path / "two", args + ["--resume"])
+  assert codes == [0, 0], log
+  assert f"resumed from step {stopped.group(1)}" in log
   assert train_lib.main(args + ["--out", str(tmp_path / "one")]) == 0
 
-  def losses(run):
+  def records(run):
     lines = (tmp_path / run / "galore" / "metrics.jsonl").read_text()
-    return [r.get("loss", r.get("val_loss")) for r in
-            map(json.loads, lines.splitlines())]
+    return [json.loads(x) for x in lines.splitlines()]
 
-  one, two = losses("one"), losses("two")
-  assert len(one) == len(two) == 8  # 6 train losses, 2 validation losses
-  np.testing.assert_allclose(two, one, rtol=1e-5)
+  one, two = records("one"), records("two")
+  assert [r["step"] for r in two] == [r["step"] for r in one]
+  assert len(one) == 33  # 30 train losses, 3 validation losses
+  np.testing.assert_allclose([r.get("loss", r.get("val_loss")) for r in two],
+                             [r.get("loss", r.get("val_loss")) for r in one],
+                             rtol=1e-5)
 
 
 def test_fsdp_spec_splits_the_largest_divisible_axis():

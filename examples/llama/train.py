@@ -554,6 +554,15 @@ def _say(*a, **kw):
     print(*a, **kw)
 
 
+def _agree(flag: bool) -> bool:
+  """Whether any process has ``flag`` set, so that a Ctrl-C reaching some
+  of them stops all after the same step. Across processes this waits for
+  the step just dispatched, once per step."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
@@ -683,8 +692,9 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
           log({"step": ds + 1, "loss": loss, "grad_norm": gnorm,
                "lr": float(m.schedule(ds))})
         last = s + 1 == args.steps
+        hit = _agree(interrupt.hit)
         sync = (last or (s + 1) % args.eval_every == 0
-                or (s + 1) % args.save_every == 0 or interrupt.hit)
+                or (s + 1) % args.save_every == 0 or hit)
         if sync:
           ds, loss, gnorm = check(pending)
           pending = None
@@ -701,11 +711,11 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
             if bar is None:
               _say(f"[{method}] step {s + 1}: loss {loss:.4f}, val"
                    f" {val:.4f}", flush=True)
-          if last or (s + 1) % args.save_every == 0 or interrupt.hit:
+          if last or (s + 1) % args.save_every == 0 or hit:
             save(s + 1)
           metrics_file.flush()
           seg_start, seg_tokens = time.perf_counter(), 0
-          if interrupt.hit and not last:
+          if hit and not last:
             status = "interrupted"
             _say(f"[{method}] saved step {s + 1} to {ckpt_dir}; resume with"
                  " --resume", file=sys.stderr, flush=True)
