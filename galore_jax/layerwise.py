@@ -75,12 +75,16 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from galore_jax import _validation
 from galore_jax import q_galore
 from galore_jax import quantization
+from galore_jax import sharding
 
-__all__ = ["Layerwise", "LayerwiseState", "layerwise", "quantize_blocks"]
+__all__ = ["Layerwise", "LayerwiseState", "dequantize_blocks", "layerwise",
+           "num_layers", "quantize_blocks"]
 
 CLIP_MODES = ("global", "per_layer")
 # States of transforms that need every leaf of the step at once.
@@ -116,10 +120,17 @@ class Layerwise(NamedTuple):
       metrics)``; ``metrics`` has the scalars ``loss`` and ``grad_norm``.
       Donate ``outer``, ``blocks`` and ``state`` when jitting, so each
       layer's update is written in place.
+    state_sharding: ``(outer, blocks, outer_shardings, block_shardings) ->``
+      a ``LayerwiseState`` of ``NamedSharding``: the outer state by
+      :func:`galore_jax.state_sharding`, each layer's state by the same
+      rules applied to one layer's params, with the layer axis unsplit.
+      The shardings are those of the float params (a ``QuantizedArray``
+      leaf's float view).
   """
 
   init: Callable[[Any, Any], LayerwiseState]
   step: Callable[..., tuple[Any, Any, LayerwiseState, dict]]
+  state_sharding: Callable[..., LayerwiseState]
 
 
 # ---------------------------------------------------------------------------
@@ -209,6 +220,12 @@ def quantize_blocks(blocks: Any, bits: int = 8, group_size: int = 256, *,
       b, bits, group_size, mask=mask))(blocks)
 
 
+def dequantize_blocks(blocks: Any) -> Any:
+  """The float blocks of :func:`quantize_blocks`'s output, ``(L, ...)``."""
+  num_layers(blocks)
+  return jax.vmap(q_galore.dequantize_params)(blocks)
+
+
 # ---------------------------------------------------------------------------
 # Validation.
 
@@ -230,6 +247,10 @@ def _check_callable(name: str, fn: Any) -> None:
 
 
 def _check_tx(name: str, tx: Any) -> None:
+  if isinstance(tx, optax.MultiSteps):
+    raise ValueError(
+        f"layerwise: `{name}` is an optax.MultiSteps, which"
+        f" {_WHOLE_TREE_STATES[optax.MultiStepsState]}")
   if not isinstance(tx, optax.GradientTransformation):
     raise TypeError(f"`{name}` must be an optax.GradientTransformation, got"
                     f" {tx!r}")
@@ -483,7 +504,31 @@ def layerwise(
                            outer=outer_state, blocks=block_state)
     return outer, blocks, state, {"loss": loss, "grad_norm": norm}
 
-  return Layerwise(init, step)
+  def state_shardings(outer, blocks, outer_shardings, block_shardings):
+    num_layers(blocks)
+    layer = jax.eval_shape(lambda b: _float_view(_layer(b, 0)), blocks)
+    layer_shardings = jax.tree.map(_drop_layer_axis, block_shardings)
+    per_layer = sharding.state_sharding(tx, layer, layer_shardings)
+    outer_f = jax.eval_shape(_float_view, outer)
+    mesh = jax.tree.leaves(block_shardings)[0].mesh
+    return LayerwiseState(
+        count=NamedSharding(mesh, PartitionSpec()),
+        outer=sharding.state_sharding(outer_tx, outer_f, outer_shardings),
+        blocks=jax.tree.map(_add_layer_axis, per_layer))
+
+  return Layerwise(init, step, state_shardings)
+
+
+def _drop_layer_axis(s: NamedSharding) -> NamedSharding:
+  spec = tuple(s.spec)
+  if spec and spec[0] is not None:
+    raise ValueError(f"layerwise: a block param is split along its layer"
+                     f" axis ({s.spec}); split the axes of one layer instead")
+  return NamedSharding(s.mesh, PartitionSpec(*spec[1:]))
+
+
+def _add_layer_axis(s: NamedSharding) -> NamedSharding:
+  return NamedSharding(s.mesh, PartitionSpec(None, *s.spec))
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -529,6 +574,24 @@ def _head_backward(head, outer_f, xL_K, batch):
   return loss, acc, dx_K
 
 
+def _unfused(pred: jax.Array, fn: Callable[..., Any], *args: Any) -> Any:
+  """``fn(*args)`` as a computation of its own, given a ``pred`` that is
+  true but not a constant.
+
+  A layer's update reads its slices of the stacked params and state, and
+  the loop writes the results back in place. Fused together, XLA would
+  recompute the new moments inside the fusion that writes the params (and
+  the other way round), reading a stacked buffer after it is overwritten,
+  so it copies whole stacked buffers at every layer. A ``lax.cond`` branch
+  is never fused with what is outside it (``optimization_barrier`` does not
+  stop fusion on CPU). The test of the compiled step's temporaries guards
+  this.
+  """
+  out = jax.eval_shape(fn, *args)
+  zeros = lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out)
+  return jax.lax.cond(pred, fn, zeros, *args)
+
+
 def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
                      update=False):
   """The reverse loop over layers.
@@ -557,18 +620,23 @@ def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
         0, n_layers, body, (blocks, dx_K, jnp.zeros([], jnp.float32)))
     return sq, dx_K
 
+  def layer_update(l, stored, s, x_K, dx_K):
+    p = _float_view(stored)
+    g, dx_K = _layer_grad(block, p, x_K, dx_K)
+    sq = _sq_norm(g)
+    if scale is not None:
+      g = scale(g)
+    u, s = tx.update(g, s, p)
+    return _apply(stored, u, jax.random.fold_in(key, l)), s, dx_K, sq
+
   def body(i, carry):
     blocks, block_state, dx_K, sq = carry
     l = n_layers - 1 - i
-    p, g, dx_K = grad_at(blocks, l, dx_K)
-    sq = sq + _sq_norm(g)
-    if scale is not None:
-      g = scale(g)
-    s = _layer(block_state, l)
-    u, s = tx.update(g, s, p)
-    new = _apply(_layer(blocks, l), u, jax.random.fold_in(key, l))
+    new, s, dx_K, sq_l = _unfused(
+        l >= 0, layer_update, l, _layer(blocks, l), _layer(block_state, l),
+        _layer(stash, l), dx_K)
     return (_set_layer(blocks, new, l), _set_layer(block_state, s, l), dx_K,
-            sq)
+            sq + sq_l)
 
   blocks, block_state, dx_K, sq = jax.lax.fori_loop(
       0, n_layers, body,
