@@ -12,6 +12,9 @@ from galore_jax.galore import galore_lion
 from galore_jax.galore import galore_sgd
 from galore_jax.galore import scale_by_adam_hf
 from galore_jax.galore import scale_by_galore
+from galore_jax.layerwise import Layerwise
+from galore_jax.layerwise import LayerwiseState
+from galore_jax.layerwise import layerwise_step
 from galore_jax.projection import DimensionNumbers
 from galore_jax.projection import Projectors
 from galore_jax.q_galore import QGaLoreState
@@ -29,6 +32,8 @@ __version__ = "0.1.0"
 __all__ = (
     "DimensionNumbers",
     "GaLoreState",
+    "Layerwise",
+    "LayerwiseState",
     "Projectors",
     "QGaLoreState",
     "QuantizedArray",
@@ -43,6 +48,7 @@ __all__ = (
     "galore_adamw_8bit",
     "galore_lion",
     "galore_sgd",
+    "layerwise_step",
     "q_galore_adamw",
     "quantize_params",
     "scale_by_adam_8bit",

@@ -83,7 +83,7 @@ from galore_jax import q_galore
 from galore_jax import quantization
 from galore_jax import sharding
 
-__all__ = ["Layerwise", "LayerwiseState", "dequantize_blocks", "layerwise",
+__all__ = ["Layerwise", "LayerwiseState", "dequantize_blocks", "layerwise_step",
            "num_layers", "quantize_blocks"]
 
 CLIP_MODES = ("global", "per_layer")
@@ -120,6 +120,8 @@ class Layerwise(NamedTuple):
       metrics)``; ``metrics`` has the scalars ``loss`` and ``grad_norm``.
       Donate ``outer``, ``blocks`` and ``state`` when jitting, so each
       layer's update is written in place.
+    loss: ``(outer, blocks, batch) -> loss``, the mean loss over the
+      micro-batch axis, forward only, one layer dequantized at a time.
     state_sharding: ``(outer, blocks, outer_shardings, block_shardings) ->``
       a ``LayerwiseState`` of ``NamedSharding``: the outer state by
       :func:`galore_jax.state_sharding`, each layer's state by the same
@@ -130,6 +132,7 @@ class Layerwise(NamedTuple):
 
   init: Callable[[Any, Any], LayerwiseState]
   step: Callable[..., tuple[Any, Any, LayerwiseState, dict]]
+  loss: Callable[[Any, Any, Any], jax.Array]
   state_sharding: Callable[..., LayerwiseState]
 
 
@@ -333,20 +336,21 @@ def _acc_zeros(tree: Any) -> Any:
       tree)
 
 
-def _forward(block, blocks, x0_K, n_layers):
-  """Each block's input for every micro-batch, ``(L, K, ...)``, and the
-  last block's output ``(K, ...)``.
+def _forward(block, blocks, x0_K, n_layers, keep=True):
+  """Each block's input for every micro-batch, ``(L, K, ...)`` (None
+  without ``keep``), and the last block's output ``(K, ...)``.
 
   The stacked params go through the loop's carry, so each layer's slice
   (and any conversion of it) is computed inside the loop, not hoisted out
   of it as a copy of the whole stack.
   """
-  stash = jnp.zeros((n_layers,) + x0_K.shape, x0_K.dtype)
+  stash = jnp.zeros((n_layers,) + x0_K.shape, x0_K.dtype) if keep else None
 
   def body(l, carry):
     blocks, x_K, stash = carry
     blocks = jax.lax.optimization_barrier(blocks)
-    stash = jax.lax.dynamic_update_index_in_dim(stash, x_K, l, 0)
+    if keep:
+      stash = jax.lax.dynamic_update_index_in_dim(stash, x_K, l, 0)
     p = _float_view(_layer(blocks, l))
     x_K = jax.lax.map(lambda x: block(p, x), x_K)
     return blocks, x_K, stash
@@ -370,7 +374,7 @@ def _layer_grad(block, p, x_K, dx_K):
   return jax.tree.map(lambda a, x: a.astype(x.dtype), acc, p), dx_K
 
 
-def layerwise(
+def layerwise_step(
     embed: Callable[[Any, Any], jax.Array],
     block: Callable[[Any, jax.Array], jax.Array],
     head: Callable[[Any, jax.Array, Any], jax.Array],
@@ -416,7 +420,7 @@ def layerwise(
     >>> outer = {"w_in": jax.random.normal(k[0], (4, 8)) / 2,
     ...          "w_out": jax.random.normal(k[1], (8, 1)) / 3}
     >>> blocks = {"w": 0.1 * jax.random.normal(k[2], (3, 8, 8))}  # 3 layers
-    >>> lw = layerwise.layerwise(embed, block, head, optax.adamw(1e-2))
+    >>> lw = layerwise.layerwise_step(embed, block, head, optax.adamw(1e-2))
     >>> state = lw.init(outer, blocks)
     >>> state.blocks[0].mu["w"].shape  # one Adam state per layer
     (3, 8, 8)
@@ -504,6 +508,15 @@ def layerwise(
                            outer=outer_state, blocks=block_state)
     return outer, blocks, state, {"loss": loss, "grad_norm": norm}
 
+  def loss(outer, blocks, batch):
+    n_layers = num_layers(blocks)
+    _check_batch(batch)
+    outer_f = _float_view(outer)
+    x0_K = jax.lax.map(lambda b: embed(outer_f, b), batch)
+    _, xL_K = _forward(block, blocks, x0_K, n_layers, keep=False)
+    losses = jax.lax.map(lambda a: head(outer_f, *a), (xL_K, batch))
+    return jnp.mean(losses.astype(jnp.float32))
+
   def state_shardings(outer, blocks, outer_shardings, block_shardings):
     num_layers(blocks)
     layer = jax.eval_shape(lambda b: _float_view(_layer(b, 0)), blocks)
@@ -516,7 +529,7 @@ def layerwise(
         outer=sharding.state_sharding(outer_tx, outer_f, outer_shardings),
         blocks=jax.tree.map(_add_layer_axis, per_layer))
 
-  return Layerwise(init, step, state_shardings)
+  return Layerwise(init, step, loss, state_shardings)
 
 
 def _drop_layer_axis(s: NamedSharding) -> NamedSharding:

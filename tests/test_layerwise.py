@@ -83,7 +83,7 @@ def _plain(tx, k=1, n=5, clip=None, dtype=jnp.float32):
 def _layerwise(tx, k=1, n=5, clip=None, mode="global", dtype=jnp.float32,
                jit=True):
   outer, blocks = _model(dtype)
-  t = lw.layerwise(embed, block, head, tx, max_grad_norm=clip, clip=mode)
+  t = lw.layerwise_step(embed, block, head, tx, max_grad_norm=clip, clip=mode)
   state = t.init(outer, blocks)
   step = jax.jit(t.step, donate_argnums=(0, 1, 2)) if jit else t.step
   metrics = []
@@ -194,7 +194,7 @@ def test_bf16_kept_and_close_to_the_plain_step():
 
 def test_state_is_per_layer():
   outer, blocks = _model()
-  t = lw.layerwise(embed, block, head, TXS["galore"]())
+  t = lw.layerwise_step(embed, block, head, TXS["galore"]())
   state = t.init(outer, blocks)
   assert state.count.shape == () and state.count.dtype == jnp.int32
   gal = state.blocks[0]
@@ -212,7 +212,7 @@ def test_no_retrace():
     return block(p, x)
 
   outer, blocks = _model()
-  t = lw.layerwise(embed, counted, head, optax.adamw(1e-2))
+  t = lw.layerwise_step(embed, counted, head, optax.adamw(1e-2))
   state = t.init(outer, blocks)
   step = jax.jit(t.step)
   for batch in _batches(3, 1):
@@ -232,7 +232,7 @@ def _int8_reference(tx, n, seed=0):
   params_f = lambda qb: {"outer": outer_f,
                          "blocks": lw.dequantize_blocks(qb)}
   outer_f = outer
-  t = lw.layerwise(embed, block, head, tx)
+  t = lw.layerwise_step(embed, block, head, tx)
   state = t.init(outer, qblocks)
   flat_state = tx.init(params_f(qblocks))
   for i, batch in enumerate(_batches(n, 1)):
@@ -281,7 +281,7 @@ def test_int8_rounding_is_unbiased_per_layer():
   blocks = {"w1": 0.2 * jax.random.normal(jax.random.key(3), (L, 64, 256))}
   qblocks = lw.quantize_blocks(blocks)
   shift = lambda p, x: x + c * jnp.sum(p["w1"])
-  t = lw.layerwise(embed, shift, lambda o, x, b: -jnp.mean(x),
+  t = lw.layerwise_step(embed, shift, lambda o, x, b: -jnp.mean(x),
                    optax.sgd(1.0))
   state = t.init(outer, qblocks)
   _, qb, _, _ = jax.jit(t.step)(outer, qblocks, state, _batches(1, 1)[0])
@@ -300,7 +300,7 @@ def test_int8_rounding_is_unbiased_per_layer():
 def test_orbax_round_trip_resumes_exactly(tmp_path):
   tx = TXS["galore_8bit"]()
   outer, blocks = _model()
-  t = lw.layerwise(embed, block, head, tx)
+  t = lw.layerwise_step(embed, block, head, tx)
   state = t.init(outer, blocks)
   step = jax.jit(t.step)
   batches = _batches(4, 2)
@@ -339,7 +339,7 @@ def test_compiled_step_holds_one_layer_of_gradient():
   batch = {"tok": jnp.zeros((1, 2, 9), jnp.int32)}
   stacked_grad = 4 * 2 * n_layers * d * d
   for tx in (optax.adamw(1e-3), TXS["galore"]()):
-    t = lw.layerwise(embed, block, head, tx)
+    t = lw.layerwise_step(embed, block, head, tx)
     state = t.init(outer, blocks)
     temp = _temp_bytes(t.step, outer, blocks, state, batch)
 
@@ -367,7 +367,7 @@ def test_sharded_equals_one_device():
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
   tx = TXS["galore"]()
   outer, blocks = _model()
-  t = lw.layerwise(embed, block, head, tx)
+  t = lw.layerwise_step(embed, block, head, tx)
   o_sh = {"emb": NamedSharding(mesh, P(None, "fsdp")),
           "out": NamedSharding(mesh, P("fsdp", None))}
   b_sh = {"w1": NamedSharding(mesh, P(None, "fsdp", None)),
@@ -406,7 +406,7 @@ def _check_raises(exc, match, fn, *args, **kw):
 def test_bad_input():
   outer, blocks = _model()
   tx = optax.adamw(1e-3)
-  t = lw.layerwise(embed, block, head, tx)
+  t = lw.layerwise_step(embed, block, head, tx)
   state = t.init(outer, blocks)
   batch = _batches(1, 1)[0]
   _check_raises(TypeError, "`block` must be a callable", lw.layerwise,
@@ -428,18 +428,18 @@ def test_bad_input():
   _check_raises(ValueError, "optax.MultiSteps, which accumulates",
                 lw.layerwise, embed, block, head, optax.MultiSteps(tx, 2))
   _check_raises(ValueError, "MultiStepsState, which accumulates",
-                lw.layerwise(embed, block, head, optax.MultiSteps(
+                lw.layerwise_step(embed, block, head, optax.MultiSteps(
                     tx, 2).gradient_transformation()).init, outer, blocks)
   _check_raises(ValueError, "ApplyIfFiniteState",
-                lw.layerwise(embed, block, head,
+                lw.layerwise_step(embed, block, head,
                              optax.apply_if_finite(tx, 3)).init, outer, blocks)
   shrink = lambda p, x: block(p, x)[..., :-1]
   _check_raises(ValueError, "embed -> L identical blocks -> head",
-                lw.layerwise(embed, shrink, head, tx).step, outer, blocks,
+                lw.layerwise_step(embed, shrink, head, tx).step, outer, blocks,
                 state, batch)
   per_token = lambda o, x, b: jnp.sum(x, -1)
   _check_raises(ValueError, "`head` must return a scalar",
-                lw.layerwise(embed, block, per_token, tx).step, outer, blocks,
+                lw.layerwise_step(embed, block, per_token, tx).step, outer, blocks,
                 state, batch)
   _check_raises(ValueError, "leading micro-batch axis", t.step, outer,
                 blocks, state, {"tok": jnp.zeros((), jnp.int32)})

@@ -244,6 +244,49 @@ class Llama(nnx.Module):
     return self.lm_head(x_BxSxD)
 
 
+def layerwise_fns(model: Llama):
+  """``(embed, block, head)`` for :func:`galore_jax.layerwise_step`.
+
+  Pure functions of the model's params split as ``outer`` (every top-level
+  entry of ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` but
+  ``layers``) and one layer's slice of ``layers``; batches are token
+  windows ``(B, T)``. The math is :meth:`Llama.__call__` and
+  :func:`loss_fn`'s, module for module.
+
+  Raises:
+    ValueError: the model's blocks are not stacked (``scan_layers=False``).
+  """
+  if not model.scan_layers:
+    raise ValueError("a layerwise step needs stacked blocks: build the"
+                     " Llama with scan_layers=True")
+  cfg = model.cfg
+  kw = dict(dtype=model.dtype,
+            param_dtype=model.embed.embedding.get_value().dtype)
+  block_def = nnx.graphdef(nnx.eval_shape(
+      lambda: Block(cfg, **kw, rngs=nnx.Rngs(0))))
+  embed_def, norm_def = nnx.graphdef(model.embed), nnx.graphdef(model.norm)
+  head_def = None if cfg.tie_embeddings else nnx.graphdef(model.lm_head)
+
+  def embed(outer, tokens_BxT):
+    return nnx.merge(embed_def, outer["embed"])(tokens_BxT[:, :-1])
+
+  def block(layer, x_BxSxD):
+    cos_SxE, sin_SxE = rope_tables(x_BxSxD.shape[1], cfg.head_dim,
+                                   cfg.rope_theta)
+    return nnx.merge(block_def, layer)(x_BxSxD, cos_SxE, sin_SxE)
+
+  def head(outer, x_BxSxD, tokens_BxT):
+    x_BxSxD = nnx.merge(norm_def, outer["norm"])(x_BxSxD)
+    if head_def is None:
+      logits_BxSxV = nnx.merge(embed_def, outer["embed"]).attend(x_BxSxD)
+    else:
+      logits_BxSxV = nnx.merge(head_def, outer["lm_head"])(x_BxSxD)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxSxV.astype(jnp.float32), tokens_BxT[:, 1:]).mean()
+
+  return embed, block, head
+
+
 def loss_fn(model: Llama, tokens_BxT) -> jax.Array:
   """Mean next-token cross-entropy of ``tokens[:, 1:]`` given the prefix."""
   logits_BxSxV = model(tokens_BxT[:, :-1])

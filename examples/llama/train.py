@@ -7,6 +7,7 @@ LoRA or QLoRA, on one GPU or on CPU.
       --data corpus.txt --dtype bf16 --batch-size 64 --seq-len 256
   python -m examples.llama.train --init-from ./hf-llama --method galore ...
   python -m examples.llama.train ... --resume          # continue exactly
+  python -m examples.llama.train --layerwise ...      # update each layer in the backward
   python -m examples.llama.train ... --distributed --mesh data=2,fsdp=16  # each host
 
 Writes to ``--out/<method>/``: ``metrics.jsonl`` (train loss every step,
@@ -15,7 +16,9 @@ Orbax checkpoints in ``ckpt/``; and to ``--out``: ``loss.png`` (every run of
 the directory on one plot) and ``summary.md``.
 
 GaLore methods project the attention and MLP kernels only; embeddings, norms
-and the LM head use AdamW in full, as in the paper. The learning rate follows
+and the LM head use AdamW in full, as in the paper. With ``--layerwise`` the
+blocks are stacked and every block is updated as soon as its gradient exists
+(:func:`galore_jax.layerwise_step`), so no step holds every gradient. The learning rate follows
 the paper's recipe: linear warmup over 10% of the steps, then cosine decay to
 10% of the peak.
 """
@@ -50,6 +53,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_jax
+from galore_jax import layerwise as layerwise_lib
 from galore_jax import lora
 from galore_jax import memory
 from examples.llama import data as data_lib
@@ -67,7 +71,7 @@ DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 _STATE_ARGS = ("model", "init_from", "method", "rank", "svd", "on_refresh",
                "dtype", "param_dtype", "scan_layers", "batch_size", "seq_len",
                "grad_accum", "seed", "data", "tokenizer", "lora_alpha",
-               "lora_trainable")
+               "lora_trainable", "layerwise")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
   a("--min-lr-ratio", type=float, default=0.1)
   a("--weight-decay", type=float, default=0.0)
   a("--clip", type=float, default=0.0, help="global-norm clip (0: off)")
+  a("--clip-mode", default="global", choices=("global", "per_layer"),
+    help="--layerwise --clip: 'global' is exact (one more backward pass);"
+         " 'per_layer' clips each block and the rest to clip/sqrt(L+1), so"
+         " the global norm stays under --clip, in one pass")
   a("--steps", type=int, default=400, help="optimizer steps")
   a("--batch-size", type=int, default=16, help="sequences per micro-batch")
   a("--seq-len", type=int, default=128)
@@ -127,6 +135,11 @@ def parser() -> argparse.ArgumentParser:
   a("--scan-layers", action="store_true",
     help="stack the blocks: kernels (layers, in, out), run with nnx.scan")
   a("--remat", action="store_true", help="activation checkpointing")
+  a("--layerwise", action="store_true",
+    help="update each block as soon as its gradient exists, in a reverse"
+         " loop over the stacked layers (implies --scan-layers; recomputes"
+         " each block like --remat); for adamw, adamw_8bit, galore,"
+         " galore_8bit and q_galore (LoRA and QLoRA use the plain step)")
   a("--data", default=None, metavar="PATH",
     help="text file, directory of text files, or .bin/.npy token ids"
          " (default: the Python stdlib sources, bytes)")
@@ -179,6 +192,14 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
     p.error(f"--warmup must be in [0, 1), got {args.warmup}")
   if args.clip < 0:
     p.error(f"--clip must be >= 0, got {args.clip}")
+  if args.clip_mode != "global" and not (args.layerwise and args.clip):
+    p.error("--clip-mode applies to --layerwise with --clip")
+  if args.layerwise:
+    plain_only = [m for m in methods if m in ("lora", "qlora")]
+    if plain_only:
+      p.error(f"--layerwise: {', '.join(plain_only)} train on the plain step;"
+              " use --layerwise with adamw, adamw_8bit, galore, galore_8bit"
+              " or q_galore")
   if args.compare is not None:
     methods = [m for m in args.compare.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
@@ -223,7 +244,7 @@ def build_model(args, vocab: int) -> model_lib.Llama:
     cfg = dataclasses.replace(model_lib.CONFIGS[args.model], vocab=vocab)
   model = model_lib.Llama(
       cfg, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.param_dtype],
-      scan_layers=args.scan_layers, remat=args.remat,
+      scan_layers=args.scan_layers or args.layerwise, remat=args.remat,
       rngs=nnx.Rngs(args.seed))
   if args.init_from is not None:
     hf.load_into(model, args.init_from)
@@ -253,6 +274,7 @@ class Method:
   tx: optax.GradientTransformation
   groups: dict[str, int]
   schedule: Any
+  layerwise: Optional[galore_jax.Layerwise] = None
 
 
 def setup(method: str, model: model_lib.Llama, args) -> Method:
@@ -272,26 +294,40 @@ def setup(method: str, model: model_lib.Llama, args) -> Method:
   graphdef, train, frozen = nnx.split(model, nnx.Param, ...)
   train, frozen = nnx.to_pure_dict(train), nnx.to_pure_dict(frozen)
   mask = target_mask(train)
-  kw = dict(weight_decay=args.weight_decay)
-  galore_kw = dict(rank=rank, update_proj_gap=args.update_proj_gap,
-                   scale=args.galore_scale, projection_mask=mask, **kw)
-  if method == "adamw":
-    tx = optax.adamw(schedule, **kw)
-  elif method == "adamw_8bit":
-    tx = galore_jax.adamw_8bit(schedule, **kw)
-  elif method == "galore":
-    tx = galore_jax.galore_adamw(schedule, svd=args.svd,
-                                 on_refresh=args.on_refresh, **galore_kw)
-  elif method == "galore_8bit":
-    tx = galore_jax.galore_adamw_8bit(schedule, svd=args.svd, **galore_kw)
-  elif method == "q_galore":
-    tx = galore_jax.q_galore_adamw(schedule, svd=args.svd, **galore_kw)
+
+  def make_tx(mask):
+    kw = dict(weight_decay=args.weight_decay)
+    galore_kw = dict(rank=rank, update_proj_gap=args.update_proj_gap,
+                     scale=args.galore_scale, projection_mask=mask, **kw)
+    if method == "adamw_8bit":
+      return galore_jax.adamw_8bit(schedule, **kw)
+    if method == "galore":
+      return galore_jax.galore_adamw(schedule, svd=args.svd,
+                                     on_refresh=args.on_refresh, **galore_kw)
+    if method == "galore_8bit":
+      return galore_jax.galore_adamw_8bit(schedule, svd=args.svd,
+                                          **galore_kw)
+    if method == "q_galore":
+      return galore_jax.q_galore_adamw(schedule, svd=args.svd, **galore_kw)
+    return optax.adamw(schedule, **kw)  # adamw, and LoRA's adapters
+
+  layerwise = None
+  if args.layerwise:
+    # The blocks' transform runs on one layer's params, the outer one on
+    # the embeddings, final norm and head; clipping and accumulation are
+    # the layerwise step's own.
+    blocks_mask, outer_mask = split_blocks(mask)
+    embed, block, head = model_lib.layerwise_fns(model)
+    tx = make_tx(blocks_mask)
+    layerwise = galore_jax.layerwise_step(
+        embed, block, head, tx, outer_tx=make_tx(outer_mask),
+        max_grad_norm=args.clip or None, clip=args.clip_mode, seed=args.seed)
   else:
-    tx = optax.adamw(schedule, **kw)
-  if args.clip:
-    tx = optax.chain(optax.clip_by_global_norm(args.clip), tx)
-  if args.grad_accum > 1:
-    tx = optax.MultiSteps(tx, args.grad_accum)
+    tx = make_tx(mask)
+    if args.clip:
+      tx = optax.chain(optax.clip_by_global_norm(args.clip), tx)
+    if args.grad_accum > 1:
+      tx = optax.MultiSteps(tx, args.grad_accum)
   if method in GALORE_METHODS:
     groups = {f"{method} (attention + MLP kernels, rank {rank})":
                   _count(train, mask),
@@ -306,15 +342,33 @@ def setup(method: str, model: model_lib.Llama, args) -> Method:
               "frozen": _count(frozen)}
   else:
     groups = {f"{method} (all params)": _count(train)}
-  if method == "q_galore":
+  if method == "q_galore" and layerwise is not None:
+    blocks, outer = split_blocks(train)
+    blocks_mask, outer_mask = split_blocks(mask)
+    train = join_blocks(layerwise_lib.quantize_blocks(blocks, mask=blocks_mask),
+                        galore_jax.quantize_params(outer, mask=outer_mask))
+  elif method == "q_galore":
     train = galore_jax.quantize_params(train, mask=mask)
-  return Method(method, graphdef, train, frozen, tx, groups, schedule)
+  return Method(method, graphdef, train, frozen, tx, groups, schedule,
+                layerwise)
+
+
+def split_blocks(tree: dict) -> tuple[Any, dict]:
+  """``(tree["layers"], the rest)``: the stacked blocks and the outer
+  params of a (scanned) Llama's params or of a tree like them."""
+  return tree["layers"], {k: v for k, v in tree.items() if k != "layers"}
+
+
+def join_blocks(blocks: Any, outer: dict) -> dict:
+  return {**outer, "layers": blocks}
 
 
 def make_step(m: Method):
   """The train step ``(train, frozen, opt_state, key, tokens) -> (train,
   opt_state, key, metrics)``, and the eval loss ``(train, frozen,
   tokens_NxBxT) -> loss``."""
+  if m.layerwise is not None:
+    return _layerwise_step(m)
   quantized = m.name == "q_galore"
 
   def loss(params, frozen, tokens_BxT):
@@ -336,6 +390,25 @@ def make_step(m: Method):
     params = galore_jax.dequantize_params(train) if quantized else train
     losses = jax.lax.map(lambda t: loss(params, frozen, t), tokens_NxBxT)
     return losses.mean()
+
+  return step, eval_loss
+
+
+def _layerwise_step(m: Method):
+  """:func:`make_step` for ``--layerwise``: ``tokens`` are ``(K, B, T)``,
+  the K micro-batches of one optimizer step; ``frozen`` is empty."""
+
+  def step(train, frozen, opt_state, key, tokens_KxBxT):
+    del frozen
+    blocks, outer = split_blocks(train)
+    outer, blocks, opt_state, metrics = m.layerwise.step(
+        outer, blocks, opt_state, tokens_KxBxT)
+    return join_blocks(blocks, outer), opt_state, key, metrics
+
+  def eval_loss(train, frozen, tokens_NxBxT):
+    del frozen
+    blocks, outer = split_blocks(train)
+    return m.layerwise.loss(outer, blocks, tokens_NxBxT)
 
   return step, eval_loss
 
@@ -396,11 +469,26 @@ def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
   return P(*([None] * best + ["fsdp"]))
 
 
-def param_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """FSDP shardings for every array of ``tree`` (params, frozen, codes)."""
+def param_shardings(tree: Any, mesh: jax.sharding.Mesh,
+                    stacked: bool = False) -> Any:
+  """FSDP shardings for every array of ``tree`` (params, frozen, codes);
+  ``stacked``: every array has a leading layer axis, never split."""
   n = mesh.shape["fsdp"]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), n)), tree)
+  if stacked:
+    spec = lambda shape: P(None, *fsdp_spec(shape[1:], n))
+  else:
+    spec = lambda shape: fsdp_spec(shape, n)
+  return jax.tree.map(lambda x: NamedSharding(mesh, spec(np.shape(x))), tree)
+
+
+def _train_shardings(m: "Method", tree: Any, mesh) -> Any:
+  """:func:`param_shardings`, the layerwise step's blocks unsplit along
+  their layer axis."""
+  if m.layerwise is None:
+    return param_shardings(tree, mesh)
+  blocks, outer = split_blocks(tree)
+  return join_blocks(param_shardings(blocks, mesh, stacked=True),
+                     param_shardings(outer, mesh))
 
 
 def to_mesh(tree: Any, shardings: Any) -> Any:
@@ -432,17 +520,32 @@ def placement(m: "Method", mesh: Optional[jax.sharding.Mesh]) -> Placement:
   if mesh is None:
     return Placement()
   init_params = init_view(m)
+  if m.layerwise is not None:
+    blocks, outer = split_blocks(m.train)
+    float_blocks, float_outer = split_blocks(
+        _train_shardings(m, init_params, mesh))
+    opt_state = m.layerwise.state_sharding(outer, blocks, float_outer,
+                                           float_blocks)
+  else:
+    opt_state = galore_jax.state_sharding(
+        m.tx, init_params, param_shardings(init_params, mesh))
   return Placement(
-      train=param_shardings(m.train, mesh),
+      train=_train_shardings(m, m.train, mesh),
       frozen=param_shardings(m.frozen, mesh),
-      opt_state=galore_jax.state_sharding(
-          m.tx, init_params, param_shardings(init_params, mesh)),
+      opt_state=opt_state,
       replicated=NamedSharding(mesh, P()),
-      tokens=NamedSharding(mesh, P("data")))
+      tokens=NamedSharding(mesh, P("data") if m.layerwise is None
+                           else P(None, "data")))
 
 
 def init_view(m: "Method") -> Any:
   """What ``m.tx.init`` takes: float params (dequantized for q_galore)."""
+  if m.name == "q_galore" and m.layerwise is not None:
+    blocks, outer = split_blocks(m.train)
+    return jax.eval_shape(
+        lambda b, o: join_blocks(layerwise_lib.dequantize_blocks(b),
+                                 galore_jax.dequantize_params(o)),
+        blocks, outer)
   if m.name == "q_galore":
     return jax.eval_shape(galore_jax.dequantize_params, m.train)
   return m.train
@@ -451,16 +554,16 @@ def init_view(m: "Method") -> Any:
 def init_state(m: "Method", where: Placement):
   """Train and frozen params placed on the mesh, and the optimizer state
   created there by a jitted ``init`` (never whole on one device)."""
-  if where.train is None:
-    params = (galore_jax.dequantize_params(m.train) if m.name == "q_galore"
-              else m.train)
-    return m.train, m.frozen, m.tx.init(params)
-  train = to_mesh(m.train, where.train)
-  frozen = to_mesh(m.frozen, where.frozen)
-  if m.name == "q_galore":
+  if m.layerwise is not None:
+    init = lambda t: m.layerwise.init(*split_blocks(t)[::-1])
+  elif m.name == "q_galore":
     init = lambda t: m.tx.init(galore_jax.dequantize_params(t))
   else:
     init = m.tx.init
+  if where.train is None:
+    return m.train, m.frozen, init(m.train)
+  train = to_mesh(m.train, where.train)
+  frozen = to_mesh(m.frozen, where.frozen)
   opt_state = jax.jit(init, out_shardings=where.opt_state)(train)
   return train, frozen, opt_state
 
@@ -629,12 +732,30 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   del state
 
   _, eval_fn = make_step(m)
-  tokens = jnp.zeros((args.batch_size, args.seq_len + 1), jnp.int32)
+  # The plain step takes one micro-batch (optax.MultiSteps accumulates);
+  # the layerwise step takes all of an optimizer step's micro-batches.
+  micro_calls = 1 if m.layerwise is not None else args.grad_accum
+  window = (args.batch_size, args.seq_len + 1)
+  if m.layerwise is not None:
+    window = (args.grad_accum,) + window
+  tokens = jnp.zeros(window, jnp.int32)
   t0 = time.perf_counter()
   step = compile_step(m, where, train, frozen, opt_state, key, tokens)
   compile_s = time.perf_counter() - t0
   put = ((lambda b: b) if mesh is None
          else (lambda b: to_mesh(b, where.tokens)))
+
+  def next_batch():
+    nonlocal position
+    if m.layerwise is None:
+      position += 1
+      return data_lib.batch(corpus.train, position - 1, args.batch_size,
+                            args.seq_len, args.seed)
+    position += args.grad_accum
+    return np.stack([data_lib.batch(corpus.train, p, args.batch_size,
+                                    args.seq_len, args.seed)
+                     for p in range(position - args.grad_accum, position)])
+
   memory = memory_figures(step)
   _say(f"[{method}] train step compiled in {compile_s:.1f} s; XLA memory:"
        f" {memory['total'] / 2**20:,.1f} MiB (args {memory['argument']:,},"
@@ -678,12 +799,9 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
     with _Interrupt() as interrupt:
       for s in range(start, args.steps):
         micro = []
-        for _ in range(args.grad_accum):
-          batch = data_lib.batch(corpus.train, position, args.batch_size,
-                                 args.seq_len, args.seed)
-          position += 1
+        for _ in range(micro_calls):
           train, opt_state, key, mt = step(train, frozen, opt_state, key,
-                                           put(batch))
+                                           put(next_batch()))
           micro.append(mt)
         seg_tokens += tokens_per_step
         done, pending = pending, (s, micro)
