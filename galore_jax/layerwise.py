@@ -315,11 +315,29 @@ def _sq_norm(tree: Any) -> jax.Array:
               for x in jax.tree.leaves(tree)), jnp.zeros([], jnp.float32))
 
 
-def _mean_update(acc: Any, g: Any, j: jax.Array) -> Any:
-  """``optax.MultiSteps``'s running mean ``acc + (g - acc) / (j + 1)``."""
-  return jax.tree.map(
-      lambda a, x: a + (x.astype(a.dtype) - a) / (j + 1).astype(a.dtype),
-      acc, g)
+def _micro_mean(fn: Callable[..., Any], xs: Any) -> tuple[Any, Any]:
+  """``fn`` on each micro-batch ``xs[j]``, returning ``(g_j, out_j)``: the
+  mean of the ``g_j`` and the stacked ``out_j``.
+
+  The mean is ``optax.MultiSteps``'s running mean ``acc + (g - acc) / (j +
+  1)`` in ``g``'s dtype (MultiSteps accumulates in the params' dtype); one
+  micro-batch is returned as it is.
+  """
+  k = jax.tree.leaves(xs)[0].shape[0]
+  if k == 1:
+    g, out = fn(jax.tree.map(lambda x: x[0], xs))
+    return g, jax.tree.map(lambda x: x[None], out)
+
+  def micro(acc, args):
+    j, x = args
+    g, out = fn(x)
+    acc = jax.tree.map(
+        lambda a, v: a + (v - a) / (j + 1).astype(a.dtype), acc, g)
+    return acc, out
+
+  first, _ = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], xs))
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first)
+  return jax.lax.scan(micro, zeros, (jnp.arange(k), xs))
 
 
 def _clip(tree: Any, norm: jax.Array, max_norm: float) -> Any:
@@ -328,12 +346,6 @@ def _clip(tree: Any, norm: jax.Array, max_norm: float) -> Any:
   return jax.tree.map(
       lambda t: jax.lax.select(trigger, t,
                                (t / norm.astype(t.dtype)) * max_norm), tree)
-
-
-def _acc_zeros(tree: Any) -> Any:
-  return jax.tree.map(
-      lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)),
-      tree)
 
 
 def _forward(block, blocks, x0_K, n_layers, keep=True):
@@ -362,16 +374,12 @@ def _forward(block, blocks, x0_K, n_layers, keep=True):
 def _layer_grad(block, p, x_K, dx_K):
   """The micro-batch mean of block ``l``'s param gradient, and the
   cotangents of its inputs."""
-  def micro(acc, args):
-    j, x, dx = args
+  def micro(args):
+    x, dx = args
     _, vjp = jax.vjp(block, p, x)
-    g, dx_in = vjp(dx)
-    return _mean_update(acc, g, j), dx_in
+    return vjp(dx)
 
-  k = x_K.shape[0]
-  acc, dx_K = jax.lax.scan(micro, _acc_zeros(p),
-                           (jnp.arange(k), x_K, dx_K))
-  return jax.tree.map(lambda a, x: a.astype(x.dtype), acc, p), dx_K
+  return _micro_mean(micro, (x_K, dx_K))
 
 
 def layerwise_step(
@@ -554,37 +562,27 @@ def _embed_forward(embed, outer_f, batch):
   x0_K = jax.lax.map(lambda b: embed(outer_f, b), batch)
 
   def vjps(dx0_K):
-    def micro(acc, args):
-      j, b, dx = args
+    def micro(args):
+      b, dx = args
       _, vjp = jax.vjp(lambda o: embed(o, b), outer_f)
-      (g,) = vjp(dx)
-      return _mean_update(acc, g, j), None
+      return vjp(dx)[0], ()
 
-    k = dx0_K.shape[0]
-    acc, _ = jax.lax.scan(micro, _acc_zeros(outer_f),
-                          (jnp.arange(k), batch, dx0_K))
-    return acc
+    return _micro_mean(micro, (batch, dx0_K))[0]
 
   return x0_K, vjps
 
 
 def _head_backward(head, outer_f, xL_K, batch):
-  """The mean loss, the mean outer gradient of ``head`` (float32), and the
+  """The mean loss, the mean outer gradient of ``head``, and the
   cotangents of each micro-batch's loss for the last block's outputs."""
-  k = xL_K.shape[0]
-
-  def micro(carry, args):
-    acc, loss = carry
-    j, x, b = args
+  def micro(args):
+    x, b = args
     value, vjp = jax.vjp(lambda o, x: head(o, x, b), outer_f, x)
     g, dx = vjp(jnp.ones_like(value))
-    loss = loss + (value.astype(jnp.float32) - loss) / (j + 1)
-    return (_mean_update(acc, g, j), loss), dx
+    return (g, value.astype(jnp.float32)), dx
 
-  (acc, loss), dx_K = jax.lax.scan(
-      micro, (_acc_zeros(outer_f), jnp.zeros([], jnp.float32)),
-      (jnp.arange(k), xL_K, batch))
-  return loss, acc, dx_K
+  (g, loss), dx_K = _micro_mean(micro, (xL_K, batch))
+  return loss, g, dx_K
 
 
 def _unfused(pred: jax.Array, fn: Callable[..., Any], *args: Any) -> Any:

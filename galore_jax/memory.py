@@ -52,18 +52,23 @@ import optax
 from galore_jax import _validation
 from galore_jax import adam_8bit
 from galore_jax import galore
+from galore_jax import layerwise
 from galore_jax import projection
 from galore_jax import q_galore
 from galore_jax import quantization
 
 __all__ = [
-    "CONFIGS", "LLAMA_TARGETS", "METHODS", "LlamaConfig", "MemoryPlan",
-    "compiled_bytes", "llama_params", "main", "nbytes", "parse_bytes",
-    "path_str", "plan", "plan_llama", "table",
+    "CONFIGS", "LAYERWISE_METHODS", "LLAMA_TARGETS", "METHODS", "LlamaConfig",
+    "MemoryPlan", "compiled_bytes", "layerwise_llama", "llama_fns",
+    "llama_params", "main", "nbytes", "parse_bytes", "path_str", "plan",
+    "plan_llama", "table",
 ]
 
 METHODS = ("adamw", "adamw_8bit", "lora", "qlora", "galore", "galore_8bit",
            "q_galore")
+# Methods that train every param: the ones a layerwise step serves.
+LAYERWISE_METHODS = ("adamw", "adamw_8bit", "galore", "galore_8bit",
+                     "q_galore")
 _LR = 1e-3  # any: the learning rate does not change a byte
 
 
@@ -413,31 +418,108 @@ def _linear(x, w, scale):
   return x @ quantization.dequantize(w, x.dtype)
 
 
-def _llama_loss(params, tokens_BxT, config, remat, lora_scale=1.0):
-  """Next-token cross-entropy of a LLaMA (RMSNorm, RoPE, SwiGLU, causal)."""
-  inputs, labels = tokens_BxT[:, :-1], tokens_BxT[:, 1:]
-  dtype = params["final_norm"].dtype
-  x_BxSxD = params["embed"][inputs].astype(dtype)
+def _llama_embed(outer, tokens_BxT):
+  return outer["embed"][tokens_BxT[:, :-1]].astype(outer["final_norm"].dtype)
+
+
+def _llama_block(layer, x_BxSxD, heads, lora_scale=1.0):
+  """One pre-norm block: causal attention with RoPE, then a SwiGLU MLP."""
   b, s, d = x_BxSxD.shape
-  heads = config.heads
   lin = lambda x, w: _linear(x, w, lora_scale)
+  h = _rms_norm(x_BxSxD, layer["attn_norm"])
+  q, k, v = (lin(h, layer[n]).reshape(b, s, heads, d // heads)
+             for n in ("q", "k", "v"))
+  att = jax.nn.dot_product_attention(_rope(q), _rope(k), v, is_causal=True)
+  x_BxSxD = x_BxSxD + lin(att.reshape(b, s, d), layer["o"])
+  h = _rms_norm(x_BxSxD, layer["mlp_norm"])
+  return x_BxSxD + lin(jax.nn.silu(lin(h, layer["gate"]))
+                       * lin(h, layer["up"]), layer["down"])
 
-  def block(x, layer):
-    h = _rms_norm(x, layer["attn_norm"])
-    q, k, v = (lin(h, layer[n]).reshape(b, s, heads, d // heads)
-               for n in ("q", "k", "v"))
-    att = jax.nn.dot_product_attention(_rope(q), _rope(k), v, is_causal=True)
-    x = x + lin(att.reshape(b, s, d), layer["o"])
-    h = _rms_norm(x, layer["mlp_norm"])
-    return x + lin(jax.nn.silu(lin(h, layer["gate"])) * lin(h, layer["up"]),
-                   layer["down"])
 
+def _llama_head(outer, x_BxSxD, tokens_BxT):
+  logits = _rms_norm(x_BxSxD, outer["final_norm"]) @ outer["lm_head"]
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), tokens_BxT[:, 1:]).mean()
+
+
+def llama_fns(config: LlamaConfig):
+  """``(embed, block, head)`` of :func:`llama_params`' LLaMA, for
+  :func:`galore_jax.layerwise_step`: ``outer`` is every entry but
+  ``layers``, ``block`` takes one layer's slice of ``layers``."""
+  block = lambda layer, x: _llama_block(layer, x, config.heads)
+  return _llama_embed, block, _llama_head
+
+
+def _llama_loss(params, tokens_BxT, config, remat, lora_scale=1.0):
+  """Next-token cross-entropy of a LLaMA (RMSNorm, RoPE, SwiGLU, causal):
+  :func:`llama_fns`' pieces, the blocks run by ``lax.scan``."""
+  x_BxSxD = _llama_embed(params, tokens_BxT)
+  block = lambda x, layer: _llama_block(layer, x, config.heads, lora_scale)
   body = jax.checkpoint(block) if remat else block
   x_BxSxD, _ = jax.lax.scan(lambda x, l: (body(x, l), None), x_BxSxD,
                             params["layers"])
-  logits = _rms_norm(x_BxSxD, params["final_norm"]) @ params["lm_head"]
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels).mean()
+  return _llama_head(params, x_BxSxD, tokens_BxT)
+
+
+def _split(tree: dict) -> tuple[Any, dict]:
+  """``(tree["layers"], the rest)``: blocks and outer params."""
+  return tree["layers"], {k: v for k, v in tree.items() if k != "layers"}
+
+
+def layerwise_llama(method: str, config: LlamaConfig, params: dict, *,
+                    rank: int, update_proj_gap: int = 200):
+  """The layerwise step of ``method`` on :func:`llama_params`' LLaMA.
+
+  Returns:
+    ``(step, outer, blocks)``: a :class:`galore_jax.Layerwise` whose blocks
+    are ``params["layers"]`` (INT8 per layer for ``q_galore``) and outer
+    params the rest, each with its own transform over the same targets.
+  """
+  if method not in LAYERWISE_METHODS:
+    raise ValueError(f"--layerwise: {method!r} trains on the plain step;"
+                     f" layerwise methods: {', '.join(LAYERWISE_METHODS)}")
+  flat = _flat_params(params, None)
+  mask = _target_mask(flat, LLAMA_TARGETS, rank)
+  tree_mask = jax.tree_util.tree_map_with_path(
+      lambda p, _: mask[path_str(p)], params)
+  blocks_mask, outer_mask = _split(tree_mask)
+  blocks, outer = _split(params)
+  if method == "q_galore":
+    blocks = jax.eval_shape(
+        lambda b: layerwise.quantize_blocks(b, mask=blocks_mask), blocks)
+  step = layerwise.layerwise_step(
+      *llama_fns(config), _optimizer(method, rank, blocks_mask,
+                                     update_proj_gap),
+      outer_tx=_optimizer(method, rank, outer_mask, update_proj_gap))
+  return step, outer, blocks
+
+
+def _layerwise_plan(method, config, params, rank, gap, flat_plan, tokens):
+  """``flat_plan`` recounted for the layerwise step: its weights and state
+  as that step stores them, and the gradients it holds: the outer params'
+  and one layer's. In the closed form the gradient term ``bN`` becomes
+  ``b (N_outer + N_layer)`` (the q_galore formula has none). With
+  ``tokens``, the compiled figure is the layerwise step's."""
+  step, outer, blocks = layerwise_llama(method, config, params, rank=rank,
+                                        update_proj_gap=gap)
+  state = jax.eval_shape(step.init, outer, blocks)
+  proj = nbytes([state.blocks[0].projector, state.outer[0].projector]
+                if "galore" in method else [])
+  float_blocks, float_outer = _split(params)
+  layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                       float_blocks)
+  held = nbytes(float_outer) + nbytes(layer)
+  closed = flat_plan.closed_form
+  if method != "q_galore":
+    closed = closed - nbytes(params) + held
+  compiled = None
+  if tokens is not None:
+    window = jax.ShapeDtypeStruct((1,) + tokens.shape, tokens.dtype)
+    compiled = compiled_bytes(step.step, outer, blocks, state, window,
+                              donate_argnums=(0, 1, 2))
+  return MemoryPlan(method, weights=nbytes([outer, blocks]), gradients=held,
+                    optimizer_state=nbytes(state) - proj, projectors=proj,
+                    closed_form=closed, compiled=compiled)
 
 
 def _compiled_step(method, config, params, mask, rank, tokens, remat,
@@ -511,6 +593,7 @@ def plan_llama(
     batch: Optional[int] = None,
     seq: Optional[int] = None,
     remat: bool = False,
+    layerwise: bool = False,
     update_proj_gap: int = 200,
     quantize_base: str = "nf4",
     block_size: int = 64,
@@ -527,6 +610,10 @@ def plan_llama(
       compiled for abstract ``(batch, seq + 1)`` tokens and XLA's memory
       figure is stored in :attr:`MemoryPlan.compiled`.
     remat: recompute each layer's activations in the backward pass.
+    layerwise: count and compile :func:`galore_jax.layerwise_step` (each
+      block updated as soon as its gradient exists; blocks recomputed, so
+      ``remat`` does not change it) instead of the plain step; only for
+      :data:`LAYERWISE_METHODS`.
     update_proj_gap, quantize_base, block_size: as in :func:`plan`.
 
   Returns:
@@ -541,14 +628,28 @@ def plan_llama(
   if (batch is None) != (seq is None):
     raise ValueError("give both `batch` and `seq` to compile the train step,"
                      f" or neither; got batch={batch!r}, seq={seq!r}")
+  _validation.boolean("layerwise", layerwise)
+  if layerwise:
+    plain = [m for m in _check_methods(methods)
+             if m not in LAYERWISE_METHODS]
+    if plain:
+      raise ValueError(f"{', '.join(plain)} train on the plain step; a"
+                       " layerwise step serves "
+                       + ", ".join(LAYERWISE_METHODS))
   params = llama_params(config, dtype)
   plans = plan(params, methods, rank=rank, targets=LLAMA_TARGETS,
                update_proj_gap=update_proj_gap, quantize_base=quantize_base,
                block_size=block_size)
+  if batch is not None:
+    _validation.positive_int("batch", batch)
+    _validation.positive_int("seq", seq)
+  if layerwise:
+    tokens = (None if batch is None
+              else jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32))
+    return {m: _layerwise_plan(m, config, params, rank, update_proj_gap, p,
+                               tokens) for m, p in plans.items()}
   if batch is None:
     return plans
-  _validation.positive_int("batch", batch)
-  _validation.positive_int("seq", seq)
   flat = _flat_params(params, None)
   mask = _target_mask(flat, LLAMA_TARGETS, rank)
   tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
@@ -621,6 +722,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument("--batch", type=int, default=None)
   ap.add_argument("--seq", type=int, default=None)
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--layerwise", action="store_true",
+                  help="the layerwise step (galore_jax.layerwise_step): each"
+                  " block updated as soon as its gradient exists; gradients"
+                  " held: the outer params' and one layer's")
   args = ap.parse_args(argv)
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   if args.compile and (args.batch is None or args.seq is None):
@@ -631,7 +736,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget = None if args.budget is None else parse_bytes(args.budget)
     plans = plan_llama(args.model, methods, rank=args.rank,
                        dtype=_DTYPES[args.dtype], batch=args.batch,
-                       seq=args.seq, remat=args.remat)
+                       seq=args.seq, remat=args.remat,
+                       layerwise=args.layerwise)
   except ValueError as e:
     ap.error(str(e))
   config = CONFIGS[args.model]
@@ -639,7 +745,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f"## {args.model}: {config.num_params / 1e9:.2f}B params, rank {rank},"
         f" {args.dtype}" + (f", batch {args.batch} x seq {args.seq}"
                             f"{', remat' if args.remat else ''}"
-                            if args.compile else "") + " (GiB)\n")
+                            if args.compile else "")
+        + (", layerwise step" if args.layerwise else "") + " (GiB)\n")
   print(table(plans, budget))
   return 0
 

@@ -409,13 +409,13 @@ def test_bad_input():
   t = lw.layerwise_step(embed, block, head, tx)
   state = t.init(outer, blocks)
   batch = _batches(1, 1)[0]
-  _check_raises(TypeError, "`block` must be a callable", lw.layerwise,
+  _check_raises(TypeError, "`block` must be a callable", lw.layerwise_step,
                 embed, None, head, tx)
   _check_raises(TypeError, "`tx` must be an optax.GradientTransformation",
-                lw.layerwise, embed, block, head, "adamw")
-  _check_raises(ValueError, "`clip` must be one of", lw.layerwise,
+                lw.layerwise_step, embed, block, head, "adamw")
+  _check_raises(ValueError, "`clip` must be one of", lw.layerwise_step,
                 embed, block, head, tx, clip="norm")
-  _check_raises(ValueError, "`max_grad_norm` must be in", lw.layerwise,
+  _check_raises(ValueError, "`max_grad_norm` must be in", lw.layerwise_step,
                 embed, block, head, tx, max_grad_norm=-1.0)
   _check_raises(ValueError, "not stacked", t.init, outer,
                 {**blocks, "scalar": jnp.float32(1)})
@@ -426,7 +426,7 @@ def test_bad_input():
                                                        "norm": False})
   _check_raises(ValueError, "quantize_blocks", t.init, outer, stacked_q)
   _check_raises(ValueError, "optax.MultiSteps, which accumulates",
-                lw.layerwise, embed, block, head, optax.MultiSteps(tx, 2))
+                lw.layerwise_step, embed, block, head, optax.MultiSteps(tx, 2))
   _check_raises(ValueError, "MultiStepsState, which accumulates",
                 lw.layerwise_step(embed, block, head, optax.MultiSteps(
                     tx, 2).gradient_transformation()).init, outer, blocks)
