@@ -167,11 +167,40 @@ def quantize_groupwise(
   hi = jnp.max(w, axis=1, keepdims=True)
   scales = _true_divide(jnp.maximum(hi - lo, 1e-5), jnp.float32(max_int))
   zeros = jnp.clip(-jnp.round(_true_divide(lo, scales)), 0, max_int)
-  y = _true_divide(w, scales)
-  y = jnp.round(y) if key is None else stochastic_round(y, key)
-  codes = jnp.clip(y + zeros, 0, max_int)
+  if key is None:
+    codes = jnp.clip(jnp.round(_true_divide(w, scales)) + zeros, 0, max_int)
+  else:
+    codes = _stochastic_codes(w, scales, zeros, max_int, key)
   return (codes.astype(jnp.uint8), scales[:, 0],
           zeros[:, 0].astype(jnp.uint8))
+
+
+# Groups rounded at once by stochastic quantization: each chunk draws its
+# own random bits, so a large leaf never holds them all (4 bytes a value).
+_SR_CHUNK_ELEMENTS = 2**20
+
+
+def _stochastic_codes(w, scales, zeros, max_int, key):
+  """``clip(SR(w / s) + z)`` per group, ``_SR_CHUNK_ELEMENTS`` at a time;
+  chunk ``c`` rounds with ``fold_in(key, c)``."""
+  groups, group_size = w.shape
+  per_chunk = max(1, _SR_CHUNK_ELEMENTS // group_size)
+  if groups <= per_chunk:
+    y = stochastic_round(_true_divide(w, scales), key)
+    return jnp.clip(y + zeros, 0, max_int)
+  n = -(-groups // per_chunk)
+  pad = n * per_chunk - groups
+  chunked = lambda a: jnp.pad(a, ((0, pad), (0, 0)), mode="edge").reshape(
+      n, per_chunk, a.shape[1])
+
+  def chunk(args):
+    c, w_c, s_c, z_c = args
+    y = stochastic_round(_true_divide(w_c, s_c), jax.random.fold_in(key, c))
+    return jnp.clip(y + z_c, 0, max_int).astype(jnp.uint8)
+
+  codes = jax.lax.map(chunk, (jnp.arange(n), chunked(w), chunked(scales),
+                              chunked(zeros)))
+  return codes.reshape(n * per_chunk, group_size)[:groups]
 
 
 def dequantize_groupwise(
