@@ -52,14 +52,14 @@ import optax
 from galore_jax import _validation
 from galore_jax import adam_8bit
 from galore_jax import galore
-from galore_jax import layerwise
+from galore_jax import layerwise as layerwise_lib
 from galore_jax import projection
 from galore_jax import q_galore
 from galore_jax import quantization
 
 __all__ = [
     "CONFIGS", "LAYERWISE_METHODS", "LLAMA_TARGETS", "METHODS", "LlamaConfig",
-    "MemoryPlan", "compiled_bytes", "layerwise_llama", "llama_fns",
+    "MemoryPlan", "compiled_bytes", "llama_fns", "llama_train_step",
     "llama_params", "main", "nbytes", "parse_bytes", "path_str", "plan",
     "plan_llama", "table",
 ]
@@ -466,32 +466,85 @@ def _split(tree: dict) -> tuple[Any, dict]:
   return tree["layers"], {k: v for k, v in tree.items() if k != "layers"}
 
 
-def layerwise_llama(method: str, config: LlamaConfig, params: dict, *,
-                    rank: int, update_proj_gap: int = 200):
-  """The layerwise step of ``method`` on :func:`llama_params`' LLaMA.
+def _made(fn: Callable, *args) -> Any:
+  """``fn(*args)``, or its shapes if any input is abstract."""
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(args)):
+    return jax.eval_shape(fn, *args)
+  return fn(*args)
+
+
+def llama_train_step(method: str, config: LlamaConfig, params: dict, *,
+                     rank: int, remat: bool = False, layerwise: bool = False,
+                     update_proj_gap: int = 200):
+  """A full-parameter train step of ``method`` on :func:`llama_params`'
+  LLaMA, the one :func:`plan_llama` compiles.
+
+  Args:
+    method: one of :data:`LAYERWISE_METHODS`.
+    config: the shape.
+    params: :func:`llama_params`' tree, abstract or real arrays (the state
+      is made abstract or real to match).
+    rank: GaLore rank; the targets are :data:`LLAMA_TARGETS`.
+    remat: recompute each block in the plain step's backward pass.
+    layerwise: :func:`galore_jax.layerwise_step` (blocks ``params["layers"]``,
+      INT8 per layer for ``q_galore``; outer params the rest, each part with
+      its own transform) instead of ``jax.value_and_grad`` + ``tx.update``.
+    update_proj_gap: GaLore's refresh gap.
 
   Returns:
-    ``(step, outer, blocks)``: a :class:`galore_jax.Layerwise` whose blocks
-    are ``params["layers"]`` (INT8 per layer for ``q_galore``) and outer
-    params the rest, each with its own transform over the same targets.
+    ``(step, carry)``: ``step(carry, tokens_BxT) -> (carry, loss)``, to jit
+    with ``carry`` donated; ``carry`` holds the params (INT8 for
+    ``q_galore``), the optimizer state and, for ``q_galore``'s plain step,
+    the stochastic-rounding key.
   """
   if method not in LAYERWISE_METHODS:
-    raise ValueError(f"--layerwise: {method!r} trains on the plain step;"
-                     f" layerwise methods: {', '.join(LAYERWISE_METHODS)}")
+    raise ValueError(f"{method!r} is not a full-parameter method; these"
+                     f" are: {', '.join(LAYERWISE_METHODS)}")
   flat = _flat_params(params, None)
   mask = _target_mask(flat, LLAMA_TARGETS, rank)
   tree_mask = jax.tree_util.tree_map_with_path(
       lambda p, _: mask[path_str(p)], params)
-  blocks_mask, outer_mask = _split(tree_mask)
-  blocks, outer = _split(params)
+  if layerwise:
+    blocks_mask, outer_mask = _split(tree_mask)
+    blocks, outer = _split(params)
+    if method == "q_galore":
+      blocks = _made(lambda b: layerwise_lib.quantize_blocks(
+          b, mask=blocks_mask), blocks)
+    lw = layerwise_lib.layerwise_step(
+        *llama_fns(config), _optimizer(method, rank, blocks_mask,
+                                       update_proj_gap),
+        outer_tx=_optimizer(method, rank, outer_mask, update_proj_gap))
+
+    def lw_step(carry, tokens_BxT):
+      outer, blocks, state, metrics = lw.step(*carry, tokens_BxT[None])
+      return (outer, blocks, state), metrics["loss"]
+
+    return lw_step, (outer, blocks, _made(lw.init, outer, blocks))
+
+  tx = _optimizer(method, rank, tree_mask, update_proj_gap)
+  state = _made(tx.init, params)
+  loss = lambda p, t: _llama_loss(p, t, config, remat)
   if method == "q_galore":
-    blocks = jax.eval_shape(
-        lambda b: layerwise.quantize_blocks(b, mask=blocks_mask), blocks)
-  step = layerwise.layerwise_step(
-      *llama_fns(config), _optimizer(method, rank, blocks_mask,
-                                     update_proj_gap),
-      outer_tx=_optimizer(method, rank, outer_mask, update_proj_gap))
-  return step, outer, blocks
+    def q_step(carry, tokens_BxT):
+      qparams, state, key = carry
+      params = q_galore.dequantize_params(qparams)
+      value, grads = jax.value_and_grad(loss)(params, tokens_BxT)
+      updates, state = tx.update(grads, state, params)
+      key, sub = jax.random.split(key)
+      qparams = q_galore.apply_updates_stochastic(qparams, updates, sub)
+      return (qparams, state, key), value
+
+    qparams = _made(lambda p: q_galore.quantize_params(p, mask=tree_mask),
+                    params)
+    return q_step, (qparams, state, _made(lambda: jax.random.key(0)))
+
+  def step(carry, tokens_BxT):
+    params, state = carry
+    value, grads = jax.value_and_grad(loss)(params, tokens_BxT)
+    updates, state = tx.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), value
+
+  return step, (params, state)
 
 
 def _layerwise_plan(method, config, params, rank, gap, flat_plan, tokens):
@@ -500,9 +553,9 @@ def _layerwise_plan(method, config, params, rank, gap, flat_plan, tokens):
   and one layer's. In the closed form the gradient term ``bN`` becomes
   ``b (N_outer + N_layer)`` (the q_galore formula has none). With
   ``tokens``, the compiled figure is the layerwise step's."""
-  step, outer, blocks = layerwise_llama(method, config, params, rank=rank,
-                                        update_proj_gap=gap)
-  state = jax.eval_shape(step.init, outer, blocks)
+  step, carry = llama_train_step(method, config, params, rank=rank,
+                                 layerwise=True, update_proj_gap=gap)
+  outer, blocks, state = carry
   proj = nbytes([state.blocks[0].projector, state.outer[0].projector]
                 if "galore" in method else [])
   float_blocks, float_outer = _split(params)
@@ -512,11 +565,8 @@ def _layerwise_plan(method, config, params, rank, gap, flat_plan, tokens):
   closed = flat_plan.closed_form
   if method != "q_galore":
     closed = closed - nbytes(params) + held
-  compiled = None
-  if tokens is not None:
-    window = jax.ShapeDtypeStruct((1,) + tokens.shape, tokens.dtype)
-    compiled = compiled_bytes(step.step, outer, blocks, state, window,
-                              donate_argnums=(0, 1, 2))
+  compiled = (None if tokens is None else
+              compiled_bytes(step, carry, tokens, donate_argnums=(0,)))
   return MemoryPlan(method, weights=nbytes([outer, blocks]), gradients=held,
                     optimizer_state=nbytes(state) - proj, projectors=proj,
                     closed_form=closed, compiled=compiled)
@@ -557,31 +607,9 @@ def _compiled_step(method, config, params, mask, rank, tokens, remat,
     return compiled_bytes(step, train, frozen, state, tokens,
                           donate_argnums=(0, 2))
 
-  tree_mask = jax.tree_util.tree_map_with_path(
-      lambda p, _: mask[path_str(p)], params)
-  tx = _optimizer(method, rank, tree_mask, gap)
-  state = jax.eval_shape(tx.init, params)
-  if method == "q_galore":
-    qparams = jax.eval_shape(
-        lambda p: q_galore.quantize_params(p, mask=tree_mask), params)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-
-    def q_step(qparams, state, tokens, key):
-      params = q_galore.dequantize_params(qparams)
-      value, grads = jax.value_and_grad(loss)(params, tokens)
-      updates, state = tx.update(grads, state, params)
-      return (q_galore.apply_updates_stochastic(qparams, updates, key), state,
-              value)
-
-    return compiled_bytes(q_step, qparams, state, tokens, key,
-                          donate_argnums=(0, 1))
-
-  def step(params, state, tokens):
-    value, grads = jax.value_and_grad(loss)(params, tokens)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, value
-
-  return compiled_bytes(step, params, state, tokens, donate_argnums=(0, 1))
+  step, carry = llama_train_step(method, config, params, rank=rank,
+                                 remat=remat, update_proj_gap=gap)
+  return compiled_bytes(step, carry, tokens, donate_argnums=(0,))
 
 
 def plan_llama(
