@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -216,3 +217,60 @@ def test_invalid_regexes_name_the_argument(name):
   params = memory.llama_params(memory.CONFIGS["llama-60m"])
   with pytest.raises(ValueError, match=f"`{name}` is not a valid regex: '\\('"):
     memory.plan(params, ["lora"], rank=8, **{name: "("})
+
+
+# ---------------------------------------------------------------------------
+# The layerwise step.
+
+DEEP = memory.LlamaConfig(128, 256, 4, 8, vocab=64, rank=16)
+
+
+def test_layerwise_plan_holds_the_outer_and_one_layer_of_gradients():
+  methods = memory.LAYERWISE_METHODS
+  fused = memory.plan_llama(DEEP, methods, batch=2, seq=16, layerwise=True)
+  plain = memory.plan_llama(DEEP, methods, batch=2, seq=16, remat=True)
+  d, f, v = DEEP.hidden, DEEP.intermediate, DEEP.vocab
+  outer = 4 * (2 * v * d + d)
+  layer = 4 * (4 * d * d + 3 * d * f + 2 * d)
+  n = 4 * DEEP.num_params
+  for m in methods:
+    assert fused[m].gradients == outer + layer, m
+    assert plain[m].gradients == n, m
+    # The stacked layers' compiled step stays under the plain one's.
+    assert fused[m].compiled < plain[m].compiled, m
+  for m in ("adamw", "galore"):  # elementwise / per-matrix: the same state
+    assert fused[m].weights == plain[m].weights
+    extra = fused[m].optimizer_state - plain[m].optimizer_state
+    assert 0 < extra <= 16 * (DEEP.layers + 2)  # int32 counts per layer
+    assert fused[m].closed_form == plain[m].closed_form - n + outer + layer
+  assert fused["q_galore"].closed_form == plain["q_galore"].closed_form
+
+
+def test_layerwise_train_step_equals_the_plain_step():
+  params = jax.tree.map(
+      lambda s: 0.02 * jax.random.normal(jax.random.key(0), s.shape, s.dtype),
+      memory.llama_params(DEEP))
+  tokens = jnp.arange(2 * 17).reshape(2, 17) % DEEP.vocab
+  runs = {}
+  for fused in (False, True):
+    step, carry = memory.llama_train_step(
+        "galore", DEEP, jax.tree.map(jnp.copy, params), rank=16, remat=True,
+        layerwise=fused)
+    step = jax.jit(step, donate_argnums=(0,))
+    losses = []
+    for _ in range(3):
+      carry, loss = step(carry, tokens)
+      losses.append(float(loss))
+    runs[fused] = losses
+  assert runs[True][-1] < runs[True][0]  # it trains
+  np.testing.assert_allclose(runs[True], runs[False], rtol=1e-5)
+
+
+def test_layerwise_cli(capsys):
+  assert memory.main(["--model", "llama-60m", "--layerwise", "--methods",
+                      "adamw,q_galore"]) == 0
+  out = capsys.readouterr().out
+  assert "layerwise step" in out and "| q_galore |" in out
+  with pytest.raises(SystemExit):
+    memory.main(["--model", "llama-60m", "--layerwise", "--methods", "lora"])
+  assert "lora train on the plain step" in capsys.readouterr().err
