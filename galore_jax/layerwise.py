@@ -631,7 +631,9 @@ def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
         0, n_layers, body, (blocks, dx_K, jnp.zeros([], jnp.float32)))
     return sq, dx_K
 
-  def layer_update(l, stored, s, x_K, dx_K):
+  def layer_update(l, blocks, block_state, dx_K):
+    stored, s = _layer(blocks, l), _layer(block_state, l)
+    x_K = _layer(stash, l)
     p = _float_view(stored)
     g, dx_K = _layer_grad(block, p, x_K, dx_K)
     sq = _sq_norm(g)
@@ -643,9 +645,8 @@ def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
   def body(i, carry):
     blocks, block_state, dx_K, sq = carry
     l = n_layers - 1 - i
-    new, s, dx_K, sq_l = _unfused(
-        l >= 0, layer_update, l, _layer(blocks, l), _layer(block_state, l),
-        _layer(stash, l), dx_K)
+    new, s, dx_K, sq_l = _unfused(l >= 0, layer_update, l, blocks,
+                                  block_state, dx_K)
     return (_set_layer(blocks, new, l), _set_layer(block_state, s, l), dx_K,
             sq + sq_l)
 
