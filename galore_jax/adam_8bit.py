@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_jax import _inplace
 from galore_jax import _pytrees
 from galore_jax import _validation
 from galore_jax import quantization
@@ -154,32 +155,49 @@ def scale_by_adam_8bit(
     v = b2 * v + (1 - b2) * g32 * g32
     return ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype), m, v
 
+  def chunk_update(g_b, mc, ma, vc, va, c1, c2):
+    """Dequantize, update and requantize ``(n, block_size)`` blocks."""
+    m = quantization.dequantize_blockwise(mc, ma, True, mc.shape)
+    v = quantization.dequantize_blockwise(vc, va, False, vc.shape)
+    u, m, v = float_leaf(g_b, m, v, c1, c2)
+    mc, ma = quantization.quantize_blockwise(m, True, block_size,
+                                             keep_nonzero=True)
+    vc, va = quantization.quantize_blockwise(v, False, block_size,
+                                             keep_nonzero=True)
+    return u, mc, ma, vc, va
+
   def int8_leaf(g, mu, nu, c1, c2):
-    # Chunks of blocks through lax.map: dequantize, update, requantize chunk
-    # by chunk, so the float32 moments and the code search never exist for
-    # a whole leaf at once (XLA would otherwise keep ~40 temp bytes/param).
+    # Chunks of blocks in a loop: dequantize, update and requantize chunk by
+    # chunk, writing the codes back in place, so the float32 moments, the
+    # code search and new code buffers never exist for a whole leaf.
     mu, nu = _codes(mu), _codes(nu)
     blocks = mu.codes.shape[0]
     flat = jnp.ravel(g)
     g_blocks = jnp.pad(flat, (0, blocks * block_size - flat.size)).reshape(
         blocks, block_size)
+    per = max(1, _CHUNK_ELEMENTS // block_size)
+    state = (mu.codes, mu.absmax, nu.codes, nu.absmax)
+    if blocks <= per:
+      u, *state = chunk_update(g_blocks, *state, c1, c2)
+    else:
+      full, tail = divmod(blocks, per)
 
-    def chunk(args):
-      g_b, mc, ma, vc, va = args  # one block: (block_size,), scalars
-      m = quantization.dequantize_blockwise(mc[None], ma[None], True,
-                                            (block_size,))
-      v = quantization.dequantize_blockwise(vc[None], va[None], False,
-                                            (block_size,))
-      u, m, v = float_leaf(g_b, m, v, c1, c2)
-      mc, ma = quantization.quantize_blockwise(m, True, block_size,
-                                               keep_nonzero=True)
-      vc, va = quantization.quantize_blockwise(v, False, block_size,
-                                               keep_nonzero=True)
-      return u, mc[0], ma[0], vc[0], va[0]
+      def compute(c, g_blocks, *state):
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, c * per, per, 0)
+        return chunk_update(take(g_blocks), *map(take, state), c1, c2)
 
-    u, mc, ma, vc, va = jax.lax.map(
-        chunk, (g_blocks, mu.codes, mu.absmax, nu.codes, nu.absmax),
-        batch_size=max(1, _CHUNK_ELEMENTS // block_size))
+      def body(c, carry):
+        new = _inplace.unfused(c >= 0, compute, c, g_blocks, *carry[1:])
+        return tuple(jax.lax.dynamic_update_slice_in_dim(a, x, c * per, 0)
+                     for a, x in zip(carry, new))
+
+      u = jnp.zeros((blocks, block_size), g.dtype)
+      u, *state = jax.lax.fori_loop(0, full, body, (u, *state))
+      if tail:
+        rest = slice(full * per, None)
+        new = chunk_update(g_blocks[rest], *(a[rest] for a in state), c1, c2)
+        u, *state = (a.at[rest].set(x) for a, x in zip((u, *state), new))
+    mc, ma, vc, va = state
     u = u.reshape(-1)[:flat.size].reshape(g.shape)
     return u, BlockwiseCodes(mc, ma), BlockwiseCodes(vc, va)
 

@@ -78,6 +78,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from galore_jax import _inplace
 from galore_jax import _validation
 from galore_jax import q_galore
 from galore_jax import quantization
@@ -585,24 +586,6 @@ def _head_backward(head, outer_f, xL_K, batch):
   return loss, g, dx_K
 
 
-def _unfused(pred: jax.Array, fn: Callable[..., Any], *args: Any) -> Any:
-  """``fn(*args)`` as a computation of its own, given a ``pred`` that is
-  true but not a constant.
-
-  A layer's update reads its slices of the stacked params and state, and
-  the loop writes the results back in place. Fused together, XLA would
-  recompute the new moments inside the fusion that writes the params (and
-  the other way round), reading a stacked buffer after it is overwritten,
-  so it copies whole stacked buffers at every layer. A ``lax.cond`` branch
-  is never fused with what is outside it (``optimization_barrier`` does not
-  stop fusion on CPU). The test of the compiled step's temporaries guards
-  this.
-  """
-  out = jax.eval_shape(fn, *args)
-  zeros = lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out)
-  return jax.lax.cond(pred, fn, zeros, *args)
-
-
 def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
                      update=False):
   """The reverse loop over layers.
@@ -645,7 +628,9 @@ def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
   def body(i, carry):
     blocks, block_state, dx_K, sq = carry
     l = n_layers - 1 - i
-    new, s, dx_K, sq_l = _unfused(l >= 0, layer_update, l, blocks,
+    # The layer's new params and state are computed in a branch of their
+    # own and written back in place (see galore_jax._inplace).
+    new, s, dx_K, sq_l = _inplace.unfused(l >= 0, layer_update, l, blocks,
                                   block_state, dx_K)
     return (_set_layer(blocks, new, l), _set_layer(block_state, s, l), dx_K,
             sq + sq_l)
