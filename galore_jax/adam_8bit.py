@@ -182,20 +182,21 @@ def scale_by_adam_8bit(
     else:
       full, tail = divmod(blocks, per)
 
-      def compute(c, g_blocks, *state):
+      def compute(c, *carry):
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, c * per, per, 0)
-        return chunk_update(take(g_blocks), *map(take, state), c1, c2)
+        return chunk_update(*map(take, carry), c1, c2)
 
       def body(c, carry):
-        new = _inplace.unfused(c >= 0, compute, c, g_blocks, *carry[1:])
+        # Chunk c of the update overwrites chunk c of the gradient, which
+        # nothing reads again: the update needs no buffer of its own.
+        new = _inplace.unfused(c >= 0, compute, c, *carry)
         return tuple(jax.lax.dynamic_update_slice_in_dim(a, x, c * per, 0)
                      for a, x in zip(carry, new))
 
-      u = jnp.zeros((blocks, block_size), g.dtype)
-      u, *state = jax.lax.fori_loop(0, full, body, (u, *state))
+      u, *state = jax.lax.fori_loop(0, full, body, (g_blocks, *state))
       if tail:
         rest = slice(full * per, None)
-        new = chunk_update(g_blocks[rest], *(a[rest] for a in state), c1, c2)
+        new = chunk_update(u[rest], *(a[rest] for a in state), c1, c2)
         u, *state = (a.at[rest].set(x) for a, x in zip((u, *state), new))
     mc, ma, vc, va = state
     u = u.reshape(-1)[:flat.size].reshape(g.shape)

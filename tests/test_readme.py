@@ -54,3 +54,18 @@ def test_lora_quickstart_trains_and_merges():
              if isinstance(layer, nnx.Module))
   assert type(model.layers[0].kernel) is nnx.Param
   assert bool(jax.numpy.isfinite(scope["loss"]))
+
+
+def test_layerwise_quickstart_trains_with_per_layer_state():
+  scope = run_block(3)
+  state = scope["state"]
+  assert isinstance(state, galore_jax.LayerwiseState)
+  assert int(state.count) == 3
+  # One GaLore state per layer: (L, r, in) projectors of the (256, 512) w.
+  assert state.blocks[0].projector["w"].row.shape == (4, 64, 256)
+  lw, batch, step = scope["lw"], scope["batch"], scope["step"]
+  outer, blocks = scope["outer"], scope["blocks"]
+  before = float(lw.loss(outer, blocks, batch))
+  for _ in range(5):
+    outer, blocks, state, _ = step(outer, blocks, state, batch)
+  assert float(lw.loss(outer, blocks, batch)) < before
