@@ -98,7 +98,7 @@ _WHOLE_TREE_STATES = {
 
 
 class LayerwiseState(NamedTuple):
-  """State of a :func:`layerwise` step.
+  """State of a :func:`layerwise_step`.
 
   Attributes:
     count: int32 number of steps taken (keys the stochastic rounding).
@@ -414,10 +414,17 @@ def layerwise_step(
     seed: seed of the stochastic rounding of INT8 weights.
 
   Returns:
-    A :class:`Layerwise` ``(init, step)``. ``step(outer, blocks, state,
-    batch)`` takes ``batch`` with a leading micro-batch axis ``K`` on every
-    leaf and returns the new ``outer``, ``blocks``, state and ``{"loss",
-    "grad_norm"}``.
+    A :class:`Layerwise` ``(init, step, loss, state_sharding)``.
+    ``step(outer, blocks, state, batch)`` takes ``batch`` with a leading
+    micro-batch axis ``K`` on every leaf and returns the new ``outer``,
+    ``blocks``, state and ``{"loss", "grad_norm"}``.
+
+  Raises:
+    TypeError, ValueError: a piece that is not callable, a transform that is
+      not an ``optax.GradientTransformation`` (or is ``optax.MultiSteps``), a
+      bad ``clip`` or ``max_grad_norm``; at ``init`` / ``step``: blocks that
+      are not stacked, a transform whose state cannot be split per layer or
+      needs the whole tree, a model that is not embed -> blocks -> head.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -445,8 +452,8 @@ def layerwise_step(
   outer_tx = tx if outer_tx is None else outer_tx
   _check_tx("outer_tx", outer_tx)
   if clip not in CLIP_MODES:
-    raise ValueError(f"`clip` must be one of {', '.join(map(repr, CLIP_MODES))},"
-                     f" got {clip!r}")
+    modes = ", ".join(map(repr, CLIP_MODES))
+    raise ValueError(f"`clip` must be one of {modes}, got {clip!r}")
   if max_grad_norm is not None:
     _validation.static("max_grad_norm", max_grad_norm, "a positive float")
     _validation.concrete_number("max_grad_norm", max_grad_norm, low=0,

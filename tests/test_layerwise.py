@@ -334,7 +334,8 @@ def test_compiled_step_holds_one_layer_of_gradient():
   temporaries exceed it."""
   n_layers, d = 16, 256
   outer = {"emb": jnp.zeros((V, d)), "out": jnp.zeros((d, V))}
-  blocks = {"w1": jnp.zeros((n_layers, d, d)), "w2": jnp.zeros((n_layers, d, d)),
+  blocks = {"w1": jnp.zeros((n_layers, d, d)),
+            "w2": jnp.zeros((n_layers, d, d)),
             "norm": jnp.ones((n_layers, d))}
   batch = {"tok": jnp.zeros((1, 2, 9), jnp.int32)}
   stacked_grad = 4 * 2 * n_layers * d * d
@@ -343,22 +344,14 @@ def test_compiled_step_holds_one_layer_of_gradient():
     state = t.init(outer, blocks)
     temp = _temp_bytes(t.step, outer, blocks, state, batch)
 
-    def plain(outer, blocks, state, batch):
+    def plain_step(outer, blocks, st, batch, tx=tx):
       params = {"outer": outer, "blocks": blocks}
       g = jax.grad(plain_loss)(params, jax.tree.map(lambda a: a[0], batch))
-      st = {"outer": state.outer, "blocks": state.blocks}
-      return g, st
-
-    flat_tx = tx
-    flat_state = flat_tx.init({"outer": outer, "blocks": blocks})
-
-    def plain_step(outer, blocks, st, batch):
-      params = {"outer": outer, "blocks": blocks}
-      g = jax.grad(plain_loss)(params, jax.tree.map(lambda a: a[0], batch))
-      u, st = flat_tx.update(g, st, params)
+      u, st = tx.update(g, st, params)
       return optax.apply_updates(params, u), st
 
-    plain_temp = _temp_bytes(plain_step, outer, blocks, flat_state, batch)
+    plain_state = tx.init({"outer": outer, "blocks": blocks})
+    plain_temp = _temp_bytes(plain_step, outer, blocks, plain_state, batch)
     assert temp < stacked_grad / 2, (temp, stacked_grad)  # no stacked copy
     assert plain_temp > stacked_grad, (plain_temp, stacked_grad)
 
@@ -433,14 +426,20 @@ def test_bad_input():
   _check_raises(ValueError, "ApplyIfFiniteState",
                 lw.layerwise_step(embed, block, head,
                              optax.apply_if_finite(tx, 3)).init, outer, blocks)
+  host = optax.GradientTransformation(  # reads values on the host
+      lambda p: jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), p),
+      lambda g, s, p=None: (g, s))
+  _check_raises(ValueError, "cannot be split per layer",
+                lw.layerwise_step(embed, block, head, host).init, outer,
+                blocks)
   shrink = lambda p, x: block(p, x)[..., :-1]
   _check_raises(ValueError, "embed -> L identical blocks -> head",
                 lw.layerwise_step(embed, shrink, head, tx).step, outer, blocks,
                 state, batch)
   per_token = lambda o, x, b: jnp.sum(x, -1)
   _check_raises(ValueError, "`head` must return a scalar",
-                lw.layerwise_step(embed, block, per_token, tx).step, outer, blocks,
-                state, batch)
+                lw.layerwise_step(embed, block, per_token, tx).step, outer,
+                blocks, state, batch)
   _check_raises(ValueError, "leading micro-batch axis", t.step, outer,
                 blocks, state, {"tok": jnp.zeros((), jnp.int32)})
   mesh = Mesh(np.array(jax.devices()[:2]), ("fsdp",))

@@ -7,7 +7,7 @@ LoRA or QLoRA, on one GPU or on CPU.
       --data corpus.txt --dtype bf16 --batch-size 64 --seq-len 256
   python -m examples.llama.train --init-from ./hf-llama --method galore ...
   python -m examples.llama.train ... --resume          # continue exactly
-  python -m examples.llama.train --layerwise ...      # update each layer in the backward
+  python -m examples.llama.train --layerwise ...      # per-layer updates
   python -m examples.llama.train ... --distributed --mesh data=2,fsdp=16  # each host
 
 Writes to ``--out/<method>/``: ``metrics.jsonl`` (train loss every step,
@@ -16,11 +16,11 @@ Orbax checkpoints in ``ckpt/``; and to ``--out``: ``loss.png`` (every run of
 the directory on one plot) and ``summary.md``.
 
 GaLore methods project the attention and MLP kernels only; embeddings, norms
-and the LM head use AdamW in full, as in the paper. With ``--layerwise`` the
-blocks are stacked and every block is updated as soon as its gradient exists
-(:func:`galore_jax.layerwise_step`), so no step holds every gradient. The learning rate follows
+and the LM head use AdamW in full, as in the paper. The learning rate follows
 the paper's recipe: linear warmup over 10% of the steps, then cosine decay to
-10% of the peak.
+10% of the peak. With ``--layerwise`` the blocks are stacked and each one is
+updated as soon as its gradient exists (:func:`galore_jax.layerwise_step`),
+so no step holds every gradient.
 """
 
 from __future__ import annotations
