@@ -378,6 +378,37 @@ def _rel(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def test_the_planners_llama_is_the_examples_llama():
+  """galore_jax.memory compiles its own (flax-free) LLaMA; with the
+  example's weights it computes the example's loss, so its figures are the
+  example model's."""
+  model = _tiny(scan_layers=True)
+  p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  layers = p["layers"]
+  params = {
+      "embed": p["embed"]["embedding"], "final_norm": p["norm"]["scale"],
+      "lm_head": p["lm_head"]["kernel"],
+      "layers": {**{n: layers["attn"][n]["kernel"] for n in "qkvo"},
+                 **{n: layers["mlp"][n]["kernel"]
+                    for n in ("gate", "up", "down")},
+                 "attn_norm": layers["attn_norm"]["scale"],
+                 "mlp_norm": layers["mlp_norm"]["scale"]}}
+  config = memory.LlamaConfig(TINY.hidden, TINY.intermediate, TINY.heads,
+                              TINY.layers, vocab=TINY.vocab)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      lambda s: s.shape, memory.llama_params(config))
+  tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, TINY.vocab)
+  want = model_lib.loss_fn(model, tokens)
+  embed, block, head = memory.llama_fns(config)  # the layerwise pieces
+  x = embed(params, tokens)
+  for l in range(TINY.layers):
+    x = block(jax.tree.map(lambda a: a[l], params["layers"]), x)
+  np.testing.assert_allclose(head(params, x, tokens), want, rtol=1e-6)
+  step, carry = memory.llama_train_step("adamw", config, params, rank=16)
+  _, loss = jax.jit(step)(carry, tokens)  # the plain step's loss
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
 def test_layerwise_gradients_equal_the_plain_gradients():
   """The layerwise step's accumulated gradient of the LLaMA (recorded by a
   transform that keeps it as its state) is the mean of jax.grad over the
