@@ -602,6 +602,26 @@ def test_two_processes_train_like_one_and_resume_together(tmp_path):
                              rtol=1e-5)
 
 
+def test_two_processes_train_layerwise_like_one(tmp_path):
+  """--distributed --layerwise: the micro-batches of a step are placed over
+  both processes' devices and the run matches one 8-device process."""
+  args = ["--model", "llama-tiny", "--method", "galore", "--layerwise",
+          "--grad-accum", "2", "--mesh", "data=2,fsdp=4", "--steps", "4",
+          "--update-proj-gap", "2", "--batch-size", "8", "--seq-len", "32",
+          "--eval-every", "4", "--eval-batches", "1", "--no-progress"]
+  codes, log = _two_processes(tmp_path / "two", args)
+  assert codes == [0, 0], log
+  assert train_lib.main(args + ["--out", str(tmp_path / "one")]) == 0
+
+  def losses(run):
+    lines = (tmp_path / run / "galore" / "metrics.jsonl").read_text()
+    return [r.get("loss", r.get("val_loss"))
+            for r in map(json.loads, lines.splitlines())]
+
+  assert len(losses("one")) == 5  # 4 train losses, 1 validation loss
+  np.testing.assert_allclose(losses("two"), losses("one"), rtol=1e-5)
+
+
 def test_fsdp_spec_splits_the_largest_divisible_axis():
   assert train_lib.fsdp_spec((64, 176), 8) == P(None, "fsdp")
   assert train_lib.fsdp_spec((2, 64, 176), 8) == P(None, None, "fsdp")
