@@ -487,16 +487,22 @@ def layerwise_step(
 
     # Forward: every block's input, for every micro-batch.
     x0_K, embed_vjps = _embed_forward(embed, outer_f, batch)
+    # The embedding's gradient in a branch of its own: its buffers (a
+    # scatter-add's zeros of the table's shape) are then made when it runs,
+    # not scheduled at the start of the step and kept through the loops.
+    embed_grad = lambda dx0_K: _inplace.unfused(state.count >= 0, embed_vjps,
+                                                dx0_K)
     stash, xL_K = _forward(block, blocks, x0_K, n_layers)
 
     # Head: the mean loss, its outer gradient, the last block's cotangents.
-    loss, g_outer, dx_K = _head_backward(head, outer_f, xL_K, batch)
+    loss, g_outer, dx_K = _head_backward(head, outer_f, xL_K, batch,
+                                         state.count)
 
     if max_grad_norm is not None and clip == "global":
       # First pass: the exact norm, keeping no layer's gradient.
       sq_blocks, dx0_K = _blocks_backward(block, tx, blocks, state.blocks,
                                           stash, dx_K, blocks_key, None)
-      g_outer = _add(g_outer, embed_vjps(dx0_K))
+      g_outer = _add(g_outer, embed_grad(dx0_K))
       norm = jnp.sqrt(sq_blocks + _sq_norm(g_outer))
       scale = lambda g: _clip(g, norm, max_grad_norm)
       blocks, block_state, _ = _blocks_backward(
@@ -511,7 +517,7 @@ def layerwise_step(
       blocks, block_state, (sq_blocks, dx0_K) = _blocks_backward(
           block, tx, blocks, state.blocks, stash, dx_K, blocks_key, scale,
           update=True)
-      g_outer = _add(g_outer, embed_vjps(dx0_K))
+      g_outer = _add(g_outer, embed_grad(dx0_K))
       norm = jnp.sqrt(sq_blocks + _sq_norm(g_outer))
       g_outer_applied = g_outer if scale is None else scale(g_outer)
 
@@ -580,17 +586,48 @@ def _embed_forward(embed, outer_f, batch):
   return x0_K, vjps
 
 
-def _head_backward(head, outer_f, xL_K, batch):
-  """The mean loss, the mean outer gradient of ``head``, and the
-  cotangents of each micro-batch's loss for the last block's outputs."""
-  def micro(args):
-    x, b = args
-    value, vjp = jax.vjp(lambda o, x: head(o, x, b), outer_f, x)
-    g, dx = vjp(jnp.ones_like(value))
-    return (g, value.astype(jnp.float32)), dx
+def _reads(fn: Callable[..., Any], tree: Any, *args: Any) -> list[bool]:
+  """Whether ``fn(tree, *args)`` reads each leaf of ``tree`` (from its
+  jaxpr); a leaf it does not read has a zero gradient."""
+  jaxpr = jax.make_jaxpr(fn)(tree, *args).jaxpr
+  read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+  read |= {id(v) for v in jaxpr.outvars}
+  return [id(v) in read for v in jaxpr.invars[:len(jax.tree.leaves(tree))]]
 
-  (g, loss), dx_K = _micro_mean(micro, (xL_K, batch))
-  return loss, g, dx_K
+
+def _head_backward(head, outer_f, xL_K, batch, count):
+  """The mean loss, the mean outer gradient of ``head``, and the
+  cotangents of each micro-batch's loss for the last block's outputs.
+
+  Differentiated only for the outer leaves ``head`` reads (the others get
+  zeros), in a branch of its own: the gradient held through the loops is
+  then the head's own, in the params' dtype, not a wider intermediate nor a
+  table of zeros for the embedding.
+  """
+  leaves, treedef = jax.tree.flatten(outer_f)
+  reads = _reads(lambda o, x, b: head(o, x, b), outer_f, xL_K[0],
+                 jax.tree.map(lambda a: a[0], batch))
+
+  def backward(read, xL_K, batch):
+    def with_read(read, x, b):
+      it = iter(read)
+      full = [next(it) if r else c for r, c in zip(reads, leaves)]
+      return head(treedef.unflatten(full), x, b)
+
+    def micro(args):
+      x, b = args
+      value, vjp = jax.vjp(lambda o, x: with_read(o, x, b), read, x)
+      g, dx = vjp(jnp.ones_like(value))
+      return (g, value.astype(jnp.float32)), dx
+
+    (g, loss), dx_K = _micro_mean(micro, (xL_K, batch))
+    return loss, g, dx_K
+
+  read = [x for r, x in zip(reads, leaves) if r]
+  loss, g, dx_K = _inplace.unfused(count >= 0, backward, read, xL_K, batch)
+  it = iter(g)
+  g = [next(it) if r else jnp.zeros_like(x) for r, x in zip(reads, leaves)]
+  return loss, treedef.unflatten(g), dx_K
 
 
 def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
