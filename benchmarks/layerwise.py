@@ -57,13 +57,6 @@ def memory_rows(model: str, dtype: str, methods, batch: int, seq: int):
   return rows
 
 
-def _timed(fn, args):
-  t0 = time.perf_counter()
-  out = fn(*args)
-  jax.block_until_ready(out)
-  return time.perf_counter() - t0, out
-
-
 def time_rows(model: str, methods, batch: int, seq: int, reps: int):
   config = TIME_CONFIGS[model]
   shapes = memory.llama_params(config, jnp.float32)
