@@ -575,7 +575,6 @@ def _layerwise_plan(method, config, params, rank, gap, flat_plan, tokens):
 def _compiled_step(method, config, params, mask, rank, tokens, remat,
                    quantize_base, block_size, gap):
   """XLA bytes of one jitted train step of ``method`` on ``params``."""
-  loss = lambda p, t: _llama_loss(p, t, config, remat)
   if method in ("lora", "qlora"):
     train, frozen = {}, {}
     flat = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -1,7 +1,5 @@
 """galore_jax.layerwise: the fused per-layer step equals the plain step."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
