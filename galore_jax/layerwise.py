@@ -281,7 +281,7 @@ def _check_model(embed, block, head, outer, layer, batch) -> None:
                      f" {loss}")
 
 
-def _check_batch(batch: Any) -> int:
+def _check_batch(batch: Any) -> None:
   leaves = jax.tree.leaves(batch)
   if not leaves or any(jnp.ndim(x) < 1 for x in leaves):
     raise ValueError("layerwise: every `batch` leaf needs a leading"
@@ -290,7 +290,6 @@ def _check_batch(batch: Any) -> int:
   if len(sizes) != 1:
     raise ValueError(f"layerwise: the `batch` leaves disagree on the"
                      f" micro-batch axis: {sorted(sizes)}")
-  return sizes.pop()
 
 
 # ---------------------------------------------------------------------------

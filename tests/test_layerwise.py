@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import galore_jax
 from galore_jax import layerwise as lw
+from tests.test_sharding import largest_all_gather
 
 V, D, F, L, B, S = 32, 16, 32, 3, 2, 6  # D * F = 512: whole 8-bit blocks
 
@@ -227,14 +228,13 @@ def _int8_reference(tx, n, seed=0):
   outer, blocks = _model()
   qblocks = lw.quantize_blocks(blocks, mask={"w1": True, "w2": True,
                                              "norm": False})
-  params_f = lambda qb: {"outer": outer_f,
-                         "blocks": lw.dequantize_blocks(qb)}
-  outer_f = outer
   t = lw.layerwise_step(embed, block, head, tx)
   state = t.init(outer, qblocks)
-  flat_state = tx.init(params_f(qblocks))
+  outer_f = outer
+  flat_state = tx.init({"outer": outer,
+                        "blocks": lw.dequantize_blocks(qblocks)})
   for i, batch in enumerate(_batches(n, 1)):
-    params = params_f(qblocks)
+    params = {"outer": outer_f, "blocks": lw.dequantize_blocks(qblocks)}
     g = jax.grad(plain_loss)(params, jax.tree.map(lambda a: a[0], batch))
     u, flat_state = tx.update(g, flat_state, params)
     key = jax.random.fold_in(jax.random.key(seed), i)
@@ -382,11 +382,6 @@ def test_sharded_equals_one_device():
   assert _rel({"outer": o, "blocks": b}, want) < 1e-5
   # No all-gather of a whole stacked gradient (L * D * F elements).
   assert largest_all_gather(hlo) < L * D * F
-
-
-def largest_all_gather(hlo_text):
-  from tests.test_sharding import largest_all_gather as largest
-  return largest(hlo_text)
 
 
 def _check_raises(exc, match, fn, *args, **kw):
