@@ -62,3 +62,17 @@ def concrete_number(name: str, value: Any, *, low=None, high=None,
     hi = "inf" if high is None else high
     interval = ("(" if low_open else "[") + f"{lo}, {hi}]"
     raise ValueError(f"`{name}` must be in {interval}, got {value!r}")
+
+
+def floating(path: str, dtype: Any) -> None:
+  """Raises the transforms' TypeError for a non-float (e.g. complex) leaf."""
+  if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+    raise TypeError(
+        "galore_jax transforms need floating-point params; parameter"
+        f" {path} has dtype {np.dtype(dtype)}")
+
+
+def floating_tree(tree: Any) -> None:
+  """:func:`floating` for every leaf of ``tree``."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    floating(jax.tree_util.keystr(path), x.dtype)

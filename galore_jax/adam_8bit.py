@@ -127,6 +127,7 @@ def scale_by_adam_8bit(
   _validation.concrete_number("b2", b2, low=0, high=1)
   _validation.concrete_number("eps", eps, low=0)
   _validation.positive_int("block_size", block_size)
+  _validation.static("min_8bit_size", min_8bit_size, "a non-negative int")
   if isinstance(min_8bit_size, bool) or not isinstance(
       min_8bit_size, int) or min_8bit_size < 0:
     raise ValueError(
@@ -143,6 +144,7 @@ def scale_by_adam_8bit(
         absmax=jnp.zeros((blocks,), jnp.float32))
 
   def init_fn(params):
+    _validation.floating_tree(params)
     return ScaleByAdam8bitState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(lambda x: zeros(x, True), params),
@@ -204,6 +206,7 @@ def scale_by_adam_8bit(
 
   def update_fn(updates, state, params=None):
     del params
+    _validation.floating_tree(updates)
     leaves, treedef = jax.tree.flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)

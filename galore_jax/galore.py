@@ -782,6 +782,8 @@ def galore_adafactor(
   References:
     Shazeer and Stern, `Adafactor <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
+  # It decides which axes are factored, so it sets the state's shapes.
+  _validation.positive_int("min_dim_size_to_factor", min_dim_size_to_factor)
   factored = optax.scale_by_factored_rms(
       decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor,
       epsilon=eps)

@@ -217,3 +217,42 @@ def test_orbax_round_trip_resumes_bit_identically(tmp_path):
                state=restored["opt_state"])
   chex.assert_trees_all_equal(p, full_p)
   chex.assert_trees_all_equal(s, full_s)
+
+
+ALIASES = {
+    "galore_adamw": dict(rank=4),
+    "galore_adam": dict(rank=4),
+    "galore_sgd": dict(rank=4),
+    "galore_lion": dict(rank=4),
+    "galore_adafactor": dict(rank=4, min_dim_size_to_factor=4),
+    "galore_adamw_8bit": dict(rank=4, min_8bit_size=64),
+    "q_galore_adamw": dict(rank=4, proj_group_size=32, min_8bit_size=64),
+    "adamw_8bit": dict(min_8bit_size=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_every_alias_under_inject_hyperparams_names_static_args(name):
+  """Injected (traced, under jit) shape-setting arguments: a clear error
+  that says which to pass as static_args, never a bare tracer error."""
+  make = optax.inject_hyperparams(getattr(galore_jax, name))
+  opt = make(learning_rate=1e-2, **ALIASES[name])
+  params = mlp_params()
+  with pytest.raises(TypeError, match="static_args=") as info:
+    state = jax.jit(opt.init)(params)
+    jax.jit(opt.update)(params, state, params)
+  assert not isinstance(info.value, jax.errors.TracerBoolConversionError)
+  # Passing the named argument(s) as static makes the alias work.
+  static = []
+  while True:
+    try:
+      opt = optax.inject_hyperparams(getattr(galore_jax, name),
+                                     static_args=tuple(static))(
+          learning_rate=1e-2, **ALIASES[name])
+      state = jax.jit(opt.init)(params)
+      jax.jit(opt.update)(params, state, params)
+      break
+    except TypeError as e:
+      missing = str(e).split("static_args=('")[1].split("'")[0]
+      assert missing not in static and len(static) < 10, e
+      static.append(missing)

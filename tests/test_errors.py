@@ -1,5 +1,6 @@
 """Every bad input gives a clear error naming the argument and the value."""
 
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -208,3 +209,24 @@ def test_q_galore_rank_and_gap_rules_are_galore_s():
     galore_jax.scale_by_q_galore(rank=0)
   with pytest.raises(ValueError, match=r"`update_proj_gap` must be in"):
     galore_jax.scale_by_q_galore(update_proj_gap=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: galore_jax.adamw_8bit(1e-2),
+    lambda: galore_jax.adamw_8bit(1e-2, min_8bit_size=0),
+    lambda: galore_jax.galore_adamw(1e-2, rank=2),
+    lambda: galore_jax.galore_adamw_8bit(1e-2, rank=2),
+    lambda: galore_jax.q_galore_adamw(1e-2, rank=2),
+    lambda: galore_jax.galore_adafactor(1e-2, rank=2),
+])
+def test_complex_params_are_a_clear_type_error(make):
+  """optax.adamw supports complex params; ours refuse them by name rather
+  than drop the imaginary part."""
+  params = {"w": jnp.ones((8, 4), jnp.complex64), "b": jnp.ones(4)}
+  tx = make()
+  with pytest.raises(TypeError, match=r"floating-point params.*\['w'\].*"
+                     "complex64"):
+    tx.update(params, tx.init(params), params)
+  real = jax.tree.map(jnp.real, params)
+  with pytest.raises(TypeError, match="complex64"):  # complex gradients too
+    tx.update(params, tx.init(real), real)
