@@ -219,21 +219,35 @@ def canonical_signs(v: jax.Array) -> jax.Array:
   return v * jnp.where(sign == 0, 1, sign).astype(v.dtype)
 
 
+def _top_singular_vectors(g: jax.Array, spec: LeafSpec, dtype) -> Projectors:
+  """:func:`svd_projectors` of one matrix ``g``."""
+  u, _, vh = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+  r = spec.rank
+  row = col = optax.MaskedNode()
+  if spec.use_row:
+    row = canonical_signs(_t(u[:, :r])).astype(dtype)
+  if spec.use_col:
+    col = _t(canonical_signs(vh[:r, :])).astype(dtype)
+  return Projectors(row=row, col=col)
+
+
 def svd_projectors(g: jax.Array, spec: LeafSpec, dtype) -> Projectors:
   """Top-``rank`` singular vectors of the matrix view ``g``, float32 SVD.
 
   ``row`` holds the leading left singular vectors of ``g`` as rows (``U[:, :r]ᵀ``),
   ``col`` the leading right singular vectors as columns (``Vh[:r]ᵀ``), both
-  sign-canonical and cast to ``dtype``.
+  sign-canonical and cast to ``dtype``. A stacked ``g`` (leading batch axes)
+  is decomposed one matrix at a time, each matrix's factors cut to the rank
+  before the next: the full ``U`` and ``Vh`` of one matrix are the most
+  ever held, never those of every layer (nor a float32 copy of the whole
+  stacked gradient).
   """
-  u, _, vh = _svd(g.astype(jnp.float32))
-  r = spec.rank
-  row = col = optax.MaskedNode()
-  if spec.use_row:
-    row = canonical_signs(_t(u[..., :, :r])).astype(dtype)
-  if spec.use_col:
-    col = _t(canonical_signs(vh[..., :r, :])).astype(dtype)
-  return Projectors(row=row, col=col)
+  batch = g.shape[:-2]
+  if not batch:
+    return _top_singular_vectors(g, spec, dtype)
+  flat = g.reshape((-1,) + g.shape[-2:])
+  out = jax.lax.map(lambda a: _top_singular_vectors(a, spec, dtype), flat)
+  return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 
 
 SVD_METHODS = ("exact", "randomized", "subspace_iteration")
@@ -569,10 +583,7 @@ def leaf_spec(
   shape = tuple(leaf.shape)
   dtype = jnp.dtype(leaf.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-        f"galore_jax transforms need floating-point params; parameter"
-        f" {_keystr(path)} has dtype {dtype}"
-    )
+    _validation.floating(_keystr(path), dtype)
   if selected is False:
     return None
   r = rank(path, leaf) if callable(rank) else rank
