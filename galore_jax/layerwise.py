@@ -192,7 +192,7 @@ def _set_layer(tree: Any, value: Any, l: jax.Array) -> Any:
 
 
 def quantize_blocks(blocks: Any, bits: int = 8, group_size: int = 256, *,
-                    mask: Any = None) -> Any:
+                    mask: Any = None, zero_point: str = "float") -> Any:
   """:func:`~galore_jax.q_galore.quantize_params` of each layer of ``blocks``.
 
   Every selected leaf becomes a ``QuantizedArray`` of one layer's shape whose
@@ -201,7 +201,8 @@ def quantize_blocks(blocks: Any, bits: int = 8, group_size: int = 256, *,
 
   Args:
     blocks: stacked block params, every leaf ``(L, ...)``.
-    bits, group_size: as in :func:`~galore_jax.q_galore.quantize_params`.
+    bits, group_size, zero_point: as in
+      :func:`~galore_jax.q_galore.quantize_params`.
     mask: a pytree of bools like ``blocks`` (or a callable of one layer's
       params); default: float leaves with ndim >= 2 per layer.
 
@@ -221,7 +222,7 @@ def quantize_blocks(blocks: Any, bits: int = 8, group_size: int = 256, *,
     fixed = mask
     mask = lambda _: fixed
   return jax.vmap(lambda b: q_galore.quantize_params(
-      b, bits, group_size, mask=mask))(blocks)
+      b, bits, group_size, mask=mask, zero_point=zero_point))(blocks)
 
 
 def dequantize_blocks(blocks: Any) -> Any:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_jax import _inplace
 from galore_jax import _pytrees
 from galore_jax import _validation
 from galore_jax import adam_8bit
@@ -66,7 +67,8 @@ class QuantizedProjector(NamedTuple):
     codes: uint8 ``batch + (bytes,)``, packed codes of the row-major
       flattened projector.
     scales: float32 ``batch + (groups,)``.
-    zeros: uint8 ``batch + (groups,)``, zero points.
+    zeros: ``batch + (groups,)``, zero points: float32 offsets
+      (``proj_zero_point="float"``) or uint8 (``"official"``).
     vector: float32 ``batch + (L,)``, first singular vector at the last
       refresh (unquantized, as official).
     gap: int32 ``batch``, this layer's current refresh gap.
@@ -85,8 +87,9 @@ class QuantizedProjector(NamedTuple):
 
 
 def _check_settings(proj_bits, proj_group_size, cos_threshold, gamma_proj,
-                    queue_size, proj_type):
+                    queue_size, proj_type, proj_zero_point):
   quantization.check_bits(proj_bits, "proj_bits")
+  quantization.check_zero_point(proj_zero_point, "proj_zero_point")
   _validation.positive_int("proj_group_size", proj_group_size)
   _validation.concrete_number("cos_threshold", cos_threshold, low=-1, high=1)
   _validation.concrete_number("gamma_proj", gamma_proj, low=1)
@@ -146,6 +149,7 @@ def scale_by_q_galore(
     mask: Any = None,
     dim_numbers: Any = None,
     proj_type: str = "std",
+    proj_zero_point: str = "float",
     svd: str = "exact",
     power_iters: Optional[int] = None,
     oversample: int = 8,
@@ -184,6 +188,12 @@ def scale_by_q_galore(
       ``optax.scale_by_adam()``.
     proj_bits: projector code width, 2..8 (static).
     proj_group_size: elements per quantization group (static).
+    proj_zero_point: ``"float"`` (float32 offsets: every group of a
+      projector represented within half a code step) or ``"official"``
+      (the official clipped uint8 zero points, bit-exact parity; a
+      same-sign group, such as the top singular vector of a gradient with a
+      common-sign component, collapses), static; see
+      :mod:`galore_jax.quantization`.
     cos_threshold: mean cosine similarity, in [-1, 1], at which a layer's gap
       grows.
     gamma_proj: gap growth factor, >= 1 (``int(gap * gamma_proj)``).
@@ -227,7 +237,7 @@ def scale_by_q_galore(
   _validation.concrete_number(
       "update_proj_gap", update_proj_gap, low=1, integer=True)
   _check_settings(proj_bits, proj_group_size, cos_threshold, gamma_proj,
-                  queue_size, proj_type)
+                  queue_size, proj_type, proj_zero_point)
   bits, group = int(proj_bits), int(proj_group_size)
   gaps = _gap_sequence(update_proj_gap, gamma_proj)
   if power_iters is None:
@@ -248,7 +258,8 @@ def scale_by_q_galore(
         codes=jnp.zeros(b + (quantization.packed_size(groups * group, bits),),
                         jnp.uint8),
         scales=jnp.zeros(b + (groups,), jnp.float32),
-        zeros=jnp.zeros(b + (groups,), jnp.uint8),
+        zeros=jnp.zeros(b + (groups,),
+                        quantization.zero_point_dtype(proj_zero_point)),
         vector=jnp.zeros(b + (length,), jnp.float32),
         gap=jnp.full(b, update_proj_gap, jnp.int32),
         queue=jnp.zeros(b + (queue_size,), jnp.float32),
@@ -307,7 +318,8 @@ def scale_by_q_galore(
     grow = has_past & (queue_count == queue_size) & (
         jnp.sum(queue) / queue_size >= cos_threshold)
     gap = jnp.where(grow, _grow(st.gap, gamma_proj, gaps), st.gap)
-    q = quantization.quantize_array(mat, bits, group)
+    q = quantization.quantize_array(mat, bits, group,
+                                    zero_point=proj_zero_point)
     return QuantizedProjector(
         codes=q.codes, scales=q.scales, zeros=q.zeros, vector=vector,
         gap=gap, queue=queue, queue_count=queue_count.astype(jnp.int32),
@@ -401,6 +413,7 @@ def q_galore_adamw(
     state_bits: int = 8,
     mask: Any = None,
     *,
+    proj_zero_point: str = "float",
     projection_mask: Any = None,
     dim_numbers: Any = None,
     proj_type: str = "std",
@@ -426,7 +439,7 @@ def q_galore_adamw(
   Args:
     learning_rate: a scalar or an optax schedule.
     rank, update_proj_gap, scale, proj_bits, proj_group_size, cos_threshold,
-      gamma_proj, queue_size, dim_numbers, proj_type: see
+      gamma_proj, queue_size, proj_zero_point, dim_numbers, proj_type: see
       :func:`scale_by_q_galore`.
     b1, b2, eps: Adam's parameters.
     weight_decay: decoupled weight decay, applied in full space.
@@ -478,7 +491,8 @@ def q_galore_adamw(
       scale_by_q_galore(
           rank, update_proj_gap, scale, base, proj_bits=proj_bits,
           proj_group_size=proj_group_size, cos_threshold=cos_threshold,
-          gamma_proj=gamma_proj, queue_size=queue_size, mask=projection_mask,
+          gamma_proj=gamma_proj, queue_size=queue_size,
+          proj_zero_point=proj_zero_point, mask=projection_mask,
           dim_numbers=dim_numbers, proj_type=proj_type, svd=svd,
           power_iters=power_iters, oversample=oversample, seed=seed,
           stagger=stagger, on_refresh=on_refresh),
@@ -497,6 +511,7 @@ def quantize_params(
     group_size: int = 256,
     *,
     mask: Any = None,
+    zero_point: str = "float",
 ) -> Any:
   """Replaces float leaves by :class:`~galore_jax.quantization.QuantizedArray`.
 
@@ -506,10 +521,10 @@ def quantize_params(
     group_size: elements per group (Q-GaLore: 256).
     mask: which leaves to quantize: a pytree of bools like ``params``, or a
       callable ``params -> pytree``. Default: every float leaf with ndim >= 2
-      (the matmul weights; biases and norms stay float). Leave out stacked
-      norm scales (``(L, d)`` leaves of scanned layers) and any leaf whose
-      groups hold values of one sign: the official zero point is clipped to
-      the code range, so such groups are not represented.
+      (the matmul weights; biases and norms stay float).
+    zero_point: ``"float"`` (float32 offsets, every group represented) or
+      ``"official"`` (Q-GaLore's clipped uint8 zero points: a group of
+      same-sign values, such as norm scales near 1, is not represented).
 
   Returns:
     ``params`` with the selected leaves quantized (round to nearest).
@@ -526,6 +541,7 @@ def quantize_params(
   """
   quantization.check_bits(bits)
   _validation.positive_int("group_size", group_size)
+  quantization.check_zero_point(zero_point)
   if mask is None:
     mask = jax.tree.map(
         lambda x: jnp.ndim(x) >= 2 and jnp.issubdtype(x.dtype, jnp.floating),
@@ -533,8 +549,8 @@ def quantize_params(
   elif callable(mask):
     mask = mask(params)
   return jax.tree.map(
-      lambda m, x: quantization.quantize_array(x, bits, group_size)
-      if m else x,
+      lambda m, x: quantization.quantize_array(
+          x, bits, group_size, zero_point=zero_point) if m else x,
       mask, params)
 
 
@@ -551,15 +567,19 @@ def apply_updates_stochastic(
 
   A :class:`~galore_jax.quantization.QuantizedArray` leaf is dequantized, the
   update added in float32, and the sum requantized with fresh per-group
-  scales (same bits and group size) and *stochastic rounding*:
+  scales (same bits, group size and zero-point scheme) and *stochastic
+  rounding*:
 
   .. math::
-    q' = \mathrm{SR}\!\left(\frac{\hat w + u}{s'}\right) + z', \qquad
-    \mathbb{E}[s'(q' - z')] = \hat w + u.
+    q' = \mathrm{SR}\!\left(\frac{\hat w + u - m'}{s'}\right), \qquad
+    \mathbb{E}[s' q' + m'] = \hat w + u.
 
   Round-to-nearest would drop every update smaller than half a code step,
-  which late in training is most of them. Float leaves get plain addition,
-  as in ``optax.apply_updates``.
+  which late in training is most of them. A large leaf is requantized
+  :data:`~galore_jax.quantization.SR_CHUNK_ELEMENTS` values at a time, each
+  chunk written back into the codes in place: its float32 copy and random
+  bits (two bytes a value) exist one chunk at a time. Float leaves get plain
+  addition, as in ``optax.apply_updates``.
 
   Args:
     params: a pytree, some leaves ``QuantizedArray``.
@@ -598,12 +618,62 @@ def apply_updates_stochastic(
         raise ValueError(
             f"update of shape {u.shape} for a quantized weight of shape"
             f" {p.shape}")
-      # In float32: rounding to a bf16 `p.dtype` first would add an error
-      # that stochastic rounding turns into a drift of the codes.
-      w = p.dequantize(jnp.float32) + u.astype(jnp.float32)
-      q = quantization.quantize_array(w, p.bits, p.group_size,
-                                      key=next(keys))
-      out.append(dataclasses.replace(q, dtype=p.dtype))
+      out.append(add_stochastic(p, u, next(keys)))
     else:
       out.append(jnp.asarray(p + u).astype(jnp.asarray(p).dtype))
   return treedef.unflatten(out)
+
+
+def _requantize(p, codes, scales, zeros, u_flat, key):
+  """Packed codes, scales and zero points of ``dequantize + u``, rounded
+  stochastically, for a run of ``p``'s groups (``u_flat`` their values)."""
+  groups = scales.shape[0]
+  q = quantization.unpack(codes, p.bits, groups * p.group_size)
+  # In float32: rounding to a bf16 `p.dtype` first would add an error that
+  # stochastic rounding turns into a drift of the codes.
+  w = quantization.dequantize_groupwise(q, scales, zeros, u_flat.shape)
+  c, s, z = quantization.quantize_groupwise(
+      w + u_flat.astype(jnp.float32), p.bits, p.group_size, key=key,
+      zero_point=p.zero_point)
+  return quantization.pack(c, p.bits), s, z
+
+
+def add_stochastic(p: quantization.QuantizedArray, u: jax.Array,
+                   key: jax.Array) -> quantization.QuantizedArray:
+  """One leaf of :func:`apply_updates_stochastic`: ``p + u`` requantized.
+
+  Chunks of whole groups (about ``SR_CHUNK_ELEMENTS`` values, a multiple of
+  the codes per byte) go through a ``fori_loop`` whose body is its own
+  computation (:func:`galore_jax._inplace.unfused`), so the new codes
+  overwrite the old ones in place; chunk ``c`` rounds with
+  ``fold_in(key, c)``, and the rest (the last chunk, short or ragged) with
+  ``fold_in(key, chunks)``.
+  """
+  g, k = p.group_size, quantization.codes_per_byte(p.bits)
+  flat_u = jnp.ravel(u)
+  per = max(k, quantization.SR_CHUNK_ELEMENTS // g // k * k)  # groups
+  full = p.size // g // per
+  if full == 0:
+    codes, scales, zeros = _requantize(p, p.codes, p.scales, p.zeros,
+                                       flat_u, key)
+    return dataclasses.replace(p, codes=codes, scales=scales, zeros=zeros)
+  span = (per * g // k, per, per, per * g)  # codes, scales, zeros, values
+
+  def compute(c, *arrays):
+    take = [jax.lax.dynamic_slice_in_dim(a, c * n, n)
+            for a, n in zip(arrays, span)]
+    return _requantize(p, *take, jax.random.fold_in(key, c))
+
+  def body(c, carry):
+    new = _inplace.unfused(c >= 0, compute, c, *carry, flat_u)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(a, x, c * n, 0)
+                 for a, x, n in zip(carry, new, span))
+
+  carry = jax.lax.fori_loop(0, full, body, (p.codes, p.scales, p.zeros))
+  start = [full * n for n in span]
+  if start[1] < p.scales.shape[0]:
+    rest = [a[s:] for a, s in zip((*carry, flat_u), start)]
+    new = _requantize(p, *rest, jax.random.fold_in(key, full))
+    carry = tuple(a.at[s:].set(x) for a, x, s in zip(carry, new, start))
+  codes, scales, zeros = carry
+  return dataclasses.replace(p, codes=codes, scales=scales, zeros=zeros)

@@ -4,19 +4,37 @@ Two schemes, each the one the official method uses:
 
 * **Group-wise asymmetric (Q-GaLore's projectors and INT8 weights).** The
   array is flattened row-major and cut into groups of ``group_size``
-  consecutive elements; each group gets a float32 ``scale`` and an integer
-  zero point, with the official formulas (``b`` bits, ``Q = 2^b - 1``)
+  consecutive elements; each group gets a float32 ``scale`` and a zero
+  point. Two zero points (``b`` bits, ``Q = 2^b - 1``):
 
-  .. math::
-    s = \frac{\max(\max w - \min w,\ 10^{-5})}{Q}, \quad
-    z = \mathrm{clip}(-\mathrm{round}(\min w / s), 0, Q), \quad
-    q = \mathrm{clip}(\mathrm{round}(w / s) + z, 0, Q), \quad
-    \hat w = s\,(q - z).
+  - ``zero_point="float"`` (the default): a float32 offset, the group's
+    minimum ``m``,
 
-  As in the official code, the zero point is clipped to the code range, so a
-  group that does not straddle zero (rare for groups of 256 weights or
-  singular-vector entries) is clipped, not shifted. A size that
-  ``group_size`` does not divide gets a shorter last group (the
+    .. math::
+      s = \max\!\left(\frac{\max w - m}{Q},\ s_{\min}\right), \quad
+      q = \mathrm{clip}(\mathrm{round}((w - m) / s), 0, Q), \quad
+      \hat w = s\,q + m,
+
+    with ``s_min`` float32's smallest normal number. Every group whose span
+    ``max w - min w`` is a finite float32 (every group of values below
+    ``1.7e38`` in magnitude), whatever its signs and range (same sign,
+    constant, tiny span), dequantizes within half a code step ``s`` (one
+    step with stochastic rounding).
+  - ``zero_point="official"``: the official Q-GaLore formulas, an integer
+    zero point clipped to the code range,
+
+    .. math::
+      s = \frac{\max(\max w - \min w,\ 10^{-5})}{Q}, \quad
+      z = \mathrm{clip}(-\mathrm{round}(\min w / s), 0, Q), \quad
+      q = \mathrm{clip}(\mathrm{round}(w / s) + z, 0, Q), \quad
+      \hat w = s\,(q - z).
+
+    A group that does not straddle zero is clipped, not shifted: values of
+    one sign spanning less than a factor 2 (the top singular vector of a
+    gradient with a common-sign component, norm scales near 1) collapse to
+    about ``s``. Kept for bit-exact parity with the official code.
+
+  A size that ``group_size`` does not divide gets a shorter last group (the
   array is padded with its last element, which changes no group's min or
   max). Codes of 4 bits or fewer are packed several to a byte.
 * **Blockwise dynamic (bitsandbytes' 8-bit optimizer states).** Blocks of
@@ -66,24 +84,46 @@ def num_groups(size: int, group_size: int) -> int:
 # Rounding.
 
 
+# Random bits per value of stochastic rounding: the fractional part is
+# compared on a grid of 2^-16.
+SR_BITS = 16
+
+
+def round_up(frac: jax.Array, bits: jax.Array) -> jax.Array:
+  """Whether stochastic rounding rounds up, from uniform ``uint16`` bits.
+
+  ``frac`` in ``[0, 1)`` is compared as ``bits + 1/2 < frac * 2^16``: of the
+  2^16 equally likely ``bits``, exactly ``frac * 2^16`` round up when that is
+  an integer, otherwise the nearest integer count does. Stochastic rounding
+  is therefore exactly unbiased for every fractional part on the 2^-16 grid
+  (every float32 quotient of magnitude >= 128, so every upper-half code of
+  an 8-bit quantizer) and within 2^-17 of a code step for any other: below
+  the float32 resolution of a quotient near the code range's top, at 2 bytes
+  of random bits per value instead of 4.
+  """
+  return bits.astype(jnp.float32) + 0.5 < frac * float(2**SR_BITS)
+
+
 def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
   """Rounds up with probability equal to the fractional part (unbiased).
 
-  ``E[stochastic_round(x)] = x``, so increments far below one code step still
-  move the expected value, where round-to-nearest would drop them.
+  ``E[stochastic_round(x)] = x`` (to 2^-17, see :func:`round_up`), so
+  increments far below one code step still move the expected value, where
+  round-to-nearest would drop them.
 
   Args:
     x: float array.
     key: a PRNG key (required: there is no default key).
 
   Returns:
-    ``floor(x) + (u < x - floor(x))`` with ``u ~ U[0, 1)``, in ``x``'s dtype.
+    ``floor(x) + round_up(x - floor(x), bits)``, float32, with ``bits``
+    uniform ``uint16`` (two bytes of random bits per value).
   """
   check_key(key, "stochastic_round")
-  u = jax.random.uniform(key, x.shape, jnp.float32)
+  bits = jax.random.bits(key, jnp.shape(x), jnp.uint16)
   x = x.astype(jnp.float32)
   lo = jnp.floor(x)
-  return lo + (u < x - lo).astype(jnp.float32)
+  return lo + round_up(x - lo, bits).astype(jnp.float32)
 
 
 def check_key(key: Any, what: str) -> None:
@@ -128,78 +168,123 @@ def _groups(x: jax.Array, group_size: int) -> jax.Array:
   return flat.reshape(-1, group_size)
 
 
+ZERO_POINTS = ("float", "official")
+
+
+def check_zero_point(zero_point: Any, name: str = "zero_point") -> str:
+  """Returns ``zero_point`` if it is one of :data:`ZERO_POINTS`."""
+  _validation.static(name, zero_point, f"one of {ZERO_POINTS}")
+  if not isinstance(zero_point, str) or zero_point not in ZERO_POINTS:
+    raise ValueError(
+        f"`{name}` must be one of {ZERO_POINTS}, got {zero_point!r}")
+  return zero_point
+
+
+def zero_point_dtype(zero_point: str) -> Any:
+  """Dtype of the stored zero points: float32 offsets or uint8 integers."""
+  return jnp.float32 if check_zero_point(zero_point) == "float" else jnp.uint8
+
+
 def quantize_groupwise(
     x: jax.Array,
     bits: int = 8,
     group_size: int = 256,
     *,
     key: Optional[jax.Array] = None,
+    zero_point: str = "float",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Group-wise asymmetric min-max quantization (official Q-GaLore formulas).
+  """Group-wise asymmetric min-max quantization (see the module docstring).
 
   Args:
     x: array of any shape; quantized over its row-major flattening.
     bits: code width, 2..8.
     group_size: elements per group (the last group may be shorter).
     key: optional PRNG key: stochastic rounding instead of nearest.
+    zero_point: ``"float"`` (float32 offsets: every group represented) or
+      ``"official"`` (Q-GaLore's clipped uint8 zero points, bit for bit).
 
   Returns:
     ``(codes, scales, zeros)``: uint8 codes of shape ``(groups, group_size)``
-    (unpacked, values in ``[0, 2^bits)``), float32 scales and uint8 zero
-    points of shape ``(groups,)``.
+    (unpacked, values in ``[0, 2^bits)``), float32 scales of shape
+    ``(groups,)`` and zero points of shape ``(groups,)``: float32 offsets
+    (``"float"``) or uint8 (``"official"``).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from galore_jax import quantization as q
-    >>> codes, scales, zeros = q.quantize_groupwise(jnp.linspace(-1, 1, 8),
-    ...                                             bits=4, group_size=8)
+    >>> codes, scales, zeros = q.quantize_groupwise(
+    ...     jnp.linspace(-1, 1, 8), bits=4, group_size=8,
+    ...     zero_point="official")
     >>> codes.tolist(), scales.tolist(), zeros.tolist()  # s = 2/15, z = 7
     ([[0, 2, 4, 6, 8, 10, 12, 14]], [0.13333334028720856], [7])
     >>> w = q.dequantize_groupwise(codes, scales, zeros, (8,))
     >>> [round(float(v), 4) for v in w[:3]]  # s * (q - z)
     [-0.9333, -0.6667, -0.4]
+    >>> same_sign = jnp.array([0.7069, 0.7073])
+    >>> codes, scales, zeros = q.quantize_groupwise(same_sign, 4, 256)
+    >>> w = q.dequantize_groupwise(codes, scales, zeros, (2,))  # s q + min
+    >>> bool(jnp.abs(w - same_sign).max() <= scales[0] / 2)
+    True
   """
   bits = check_bits(bits)
   _validation.positive_int("group_size", group_size)
+  check_zero_point(zero_point)
   max_int = 2**bits - 1
   w = _groups(x.astype(jnp.float32), group_size)
   lo = jnp.min(w, axis=1, keepdims=True)
   hi = jnp.max(w, axis=1, keepdims=True)
-  scales = _true_divide(jnp.maximum(hi - lo, 1e-5), jnp.float32(max_int))
-  zeros = jnp.clip(-jnp.round(_true_divide(lo, scales)), 0, max_int)
-  if key is None:
-    codes = jnp.clip(jnp.round(_true_divide(w, scales)) + zeros, 0, max_int)
+  if zero_point == "float":
+    scales, zeros, y = _float_zero_point(w, lo, hi, max_int)
   else:
-    codes = _stochastic_codes(w, scales, zeros, max_int, key)
-  return (codes.astype(jnp.uint8), scales[:, 0],
-          zeros[:, 0].astype(jnp.uint8))
+    scales = _true_divide(jnp.maximum(hi - lo, 1e-5), jnp.float32(max_int))
+    zeros = jnp.clip(-jnp.round(_true_divide(lo, scales)), 0, max_int)
+    y = _true_divide(w, scales)
+  if key is None:
+    codes = jnp.clip(jnp.round(y) + _int_zeros(zeros, zero_point), 0,
+                     max_int)
+  else:
+    codes = _stochastic_codes(y, _int_zeros(zeros, zero_point), max_int, key)
+  zeros = zeros[:, 0].astype(zero_point_dtype(zero_point))
+  return codes.astype(jnp.uint8), scales[:, 0], zeros
 
 
-# Groups rounded at once by stochastic quantization: each chunk draws its
-# own random bits, so a large leaf never holds them all (4 bytes a value).
-_SR_CHUNK_ELEMENTS = 2**20
+def _float_zero_point(w, lo, hi, max_int):
+  """Scales, float offsets and ``(w - m) / s`` of the ``"float"`` scheme."""
+  scales = jnp.maximum(_true_divide(hi - lo, jnp.float32(max_int)),
+                       jnp.finfo(jnp.float32).tiny)
+  return scales, lo, _true_divide(w - lo, scales)
 
 
-def _stochastic_codes(w, scales, zeros, max_int, key):
-  """``clip(SR(w / s) + z)`` per group, ``_SR_CHUNK_ELEMENTS`` at a time;
+def _int_zeros(zeros, zero_point):
+  """What is added to the rounded quotient: the integer zero point, or 0."""
+  return zeros if zero_point == "official" else 0.0
+
+
+# Values rounded at once by stochastic quantization (and requantized at once
+# by `q_galore.apply_updates_stochastic`): each chunk draws its own random
+# bits, so a large leaf never holds them all.
+SR_CHUNK_ELEMENTS = 2**20
+
+
+def _stochastic_codes(y, zeros, max_int, key):
+  """``clip(SR(y) + z)`` per group, ``SR_CHUNK_ELEMENTS`` at a time;
   chunk ``c`` rounds with ``fold_in(key, c)``."""
-  groups, group_size = w.shape
-  per_chunk = max(1, _SR_CHUNK_ELEMENTS // group_size)
+  groups, group_size = y.shape
+  per_chunk = max(1, SR_CHUNK_ELEMENTS // group_size)
+  zeros = jnp.broadcast_to(jnp.asarray(zeros, jnp.float32), (groups, 1))
   if groups <= per_chunk:
-    y = stochastic_round(_true_divide(w, scales), key)
-    return jnp.clip(y + zeros, 0, max_int)
+    return jnp.clip(stochastic_round(y, key) + zeros, 0, max_int)
   n = -(-groups // per_chunk)
   pad = n * per_chunk - groups
   chunked = lambda a: jnp.pad(a, ((0, pad), (0, 0)), mode="edge").reshape(
       n, per_chunk, a.shape[1])
 
   def chunk(args):
-    c, w_c, s_c, z_c = args
-    y = stochastic_round(_true_divide(w_c, s_c), jax.random.fold_in(key, c))
-    return jnp.clip(y + z_c, 0, max_int).astype(jnp.uint8)
+    c, y_c, z_c = args
+    y_c = stochastic_round(y_c, jax.random.fold_in(key, c))
+    return jnp.clip(y_c + z_c, 0, max_int).astype(jnp.uint8)
 
-  codes = jax.lax.map(chunk, (jnp.arange(n), chunked(w), chunked(scales),
-                              chunked(zeros)))
+  codes = jax.lax.map(chunk, (jnp.arange(n), chunked(y), chunked(zeros)))
   return codes.reshape(n * per_chunk, group_size)[:groups]
 
 
@@ -210,10 +295,14 @@ def dequantize_groupwise(
     shape: tuple[int, ...],
     dtype: Any = jnp.float32,
 ) -> jax.Array:
-  """Inverse of :func:`quantize_groupwise`: ``scale * (q - zero)``."""
+  """Inverse of :func:`quantize_groupwise`: ``s q + m`` for float offsets
+  ``m``, ``s (q - z)`` for uint8 zero points ``z``."""
   size = math.prod(shape)
   q = codes.reshape(scales.shape[0], -1).astype(jnp.float32)
-  w = scales[:, None] * (q - zeros[:, None].astype(jnp.float32))
+  if jnp.issubdtype(zeros.dtype, jnp.floating):
+    w = scales[:, None] * q + zeros[:, None]
+  else:
+    w = scales[:, None] * (q - zeros[:, None].astype(jnp.float32))
   return w.reshape(-1)[:size].reshape(shape).astype(dtype)
 
 
@@ -302,7 +391,8 @@ class QuantizedArray(_Stored):
   Attributes:
     codes: packed uint8 codes, flat (see :func:`pack`).
     scales: float32 per-group scales, ``(groups,)``.
-    zeros: uint8 per-group zero points, ``(groups,)``.
+    zeros: per-group zero points, ``(groups,)``: float32 offsets
+      (``zero_point="float"``) or uint8 (``"official"``).
     shape: shape of the float array.
     dtype: dtype :func:`dequantize` returns.
     bits: code width, 2..8.
@@ -324,6 +414,12 @@ class QuantizedArray(_Stored):
     return sum(a.size * a.dtype.itemsize
                for a in (self.codes, self.scales, self.zeros))
 
+  @property
+  def zero_point(self) -> str:
+    """``"float"`` (float offsets) or ``"official"`` (uint8 zero points)."""
+    return ("float" if jnp.issubdtype(self.zeros.dtype, jnp.floating)
+            else "official")
+
   def dequantize(self, dtype: Any = None) -> jax.Array:
     """The float array, ``scale * (code - zero)``, in ``dtype``.
 
@@ -343,6 +439,7 @@ def quantize_array(
     group_size: int = 256,
     *,
     key: Optional[jax.Array] = None,
+    zero_point: str = "float",
 ) -> QuantizedArray:
   """Quantizes ``x`` group-wise into a :class:`QuantizedArray`.
 
@@ -351,30 +448,38 @@ def quantize_array(
     bits: code width, 2..8 (codes of <= 4 bits are packed).
     group_size: elements per group of the row-major flattening.
     key: optional PRNG key: stochastic rounding instead of nearest.
+    zero_point: ``"float"`` (float32 offsets, the default) or
+      ``"official"`` (Q-GaLore's clipped uint8 zero points).
 
   Returns:
-    A :class:`QuantizedArray`. Where a group's values straddle zero (as in
-    any group of 256 weights of a trained matrix), it dequantizes to ``x``
-    within half a code step per element (one step with stochastic
-    rounding). The official zero point is clipped to the code range, so a
-    group of same-sign values (e.g. norm scales near 1) is not represented:
-    keep such leaves in float.
+    A :class:`QuantizedArray`. With ``zero_point="float"`` every group of
+    finite values dequantizes within half a code step of ``x`` (one step
+    with stochastic rounding). With ``"official"`` that holds only for
+    groups that straddle zero: a group of same-sign values (e.g. norm scales
+    near 1) is clipped.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from galore_jax.quantization import quantize_array
     >>> w = jnp.linspace(-1.0, 1.0, 512).reshape(16, 32)
     >>> qw = quantize_array(w)
-    >>> qw.codes.dtype, qw.nbytes  # 512 codes + 2 groups of (scale, zero)
-    (dtype('uint8'), 522)
+    >>> qw.codes.dtype, qw.nbytes  # 512 codes + 2 groups of 2 float32
+    (dtype('uint8'), 528)
     >>> bool(jnp.abs(qw.dequantize() - w).max() <= 2 / 255 / 2 + 1e-6)
     True
+    >>> near_one = jnp.array([[0.7069], [0.7073]])
+    >>> [round(float(v), 4) for v in quantize_array(near_one, 4).dequantize()[:, 0]]
+    [0.7069, 0.7073]
+    >>> official = quantize_array(near_one, 4, zero_point="official")
+    >>> [round(float(v), 4) for v in official.dequantize()[:, 0]]  # clipped
+    [0.0004, 0.0004]
   """
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"quantize_array needs a float array, got {x.dtype}")
   bits = check_bits(bits)
   _validation.positive_int("group_size", group_size)
-  codes, scales, zeros = quantize_groupwise(x, bits, group_size, key=key)
+  codes, scales, zeros = quantize_groupwise(x, bits, group_size, key=key,
+                                            zero_point=zero_point)
   return QuantizedArray(
       codes=pack(codes, bits), scales=scales, zeros=zeros,
       shape=tuple(x.shape), dtype=jnp.dtype(x.dtype), bits=bits,

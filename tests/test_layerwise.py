@@ -277,12 +277,23 @@ def test_int8_rounding_is_unbiased_per_layer():
   c = 1e-4
   outer, _ = _model()
   blocks = {"w1": 0.2 * jax.random.normal(jax.random.key(3), (L, 64, 256))}
-  qblocks = lw.quantize_blocks(blocks)
   shift = lambda p, x: x + c * jnp.sum(p["w1"])
   t = lw.layerwise_step(embed, shift, lambda o, x, b: -jnp.mean(x),
                    optax.sgd(1.0))
+  step = jax.jit(t.step)
+  # Float offsets take a shift of a whole group almost exactly: the codes
+  # stay, up to quotients a float32 rounding below an integer.
+  fblocks = lw.quantize_blocks(blocks)
+  _, fb, _, _ = step(outer, fblocks, t.init(outer, fblocks),
+                     _batches(1, 1)[0])
+  fmoved = np.asarray(lw.dequantize_blocks(fb)["w1"]
+                      - lw.dequantize_blocks(fblocks)["w1"])
+  assert np.mean(np.abs(fmoved - c) < 0.05 * c) > 0.999
+  assert abs(float(fmoved.mean()) - c) < 0.15 * c
+  # Official zero points are integers: the codes must move, stochastically.
+  qblocks = lw.quantize_blocks(blocks, zero_point="official")
   state = t.init(outer, qblocks)
-  _, qb, _, _ = jax.jit(t.step)(outer, qblocks, state, _batches(1, 1)[0])
+  _, qb, _, _ = step(outer, qblocks, state, _batches(1, 1)[0])
   before = lw.dequantize_blocks(qblocks)["w1"]
   moved = lw.dequantize_blocks(qb)["w1"] - before
   assert c < float(jnp.min(qblocks["w1"].scales)) / 10  # far below a step

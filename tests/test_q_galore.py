@@ -61,9 +61,13 @@ def test_state_shapes_and_dtypes(bits):
   chex.assert_shape([p.scales, p.zeros], (4,))
   chex.assert_shape(p.vector, (32,))
   chex.assert_shape(p.queue, (3,))
-  assert [x.dtype for x in p] == [jnp.uint8, jnp.float32, jnp.uint8,
+  assert [x.dtype for x in p] == [jnp.uint8, jnp.float32, jnp.float32,
                                   jnp.float32, jnp.int32, jnp.float32,
                                   jnp.int32]
+  official = galore_jax.scale_by_q_galore(
+      rank=4, update_proj_gap=7, proj_bits=bits, proj_group_size=32,
+      queue_size=3, proj_zero_point="official").init(params)
+  assert official.projector["dense"]["kernel"].zeros.dtype == jnp.uint8
   assert int(p.gap) == 7 and int(p.queue_count) == 0
   # wide (in 16, out 64): row projector (4, 16); stack: one per layer.
   w = state.projector["wide"]["kernel"]

@@ -12,7 +12,8 @@ from tests.test_parity import drifting_low_rank_grads
 
 SHAPES = {"tall": (64, 48), "wide": (48, 64)}  # Flax (in, out)
 Q = dict(rank=8, update_proj_gap=2, scale=0.25, proj_group_size=128,
-         cos_threshold=0.4, gamma_proj=2, queue_size=2)
+         cos_threshold=0.4, gamma_proj=2, queue_size=2,
+         proj_zero_point="official")
 
 
 def stable_grads(rng, shape, steps):
@@ -43,7 +44,8 @@ def run_both(proj_bits, steps=60, lr=1e-2, wd=0.1, eps=1e-6, **overrides):
 
   names = list(init)
   cfg = dict(n_bit=proj_bits, group_size=q["proj_group_size"],
-             **{k: v for k, v in q.items() if k != "proj_group_size"})
+             **{k: v for k, v in q.items()
+                if k not in ("proj_group_size", "proj_zero_point")})
   oracle = ref.QGaLoreAdamW(
       [init[n].T.astype(np.float64) if n != "b" else init[n].astype(np.float64)
        for n in names],

@@ -38,7 +38,8 @@ def bnb_dynamic_map(signed):
 @pytest.mark.parametrize("group_size", [16, 64])
 def test_groupwise_matches_official_formulas(bits, group_size):
   w = np.random.default_rng(bits).standard_normal((8, 32)).astype(np.float32)
-  codes, scales, zeros = q.quantize_groupwise(jnp.asarray(w), bits, group_size)
+  codes, scales, zeros = q.quantize_groupwise(jnp.asarray(w), bits, group_size,
+                                             zero_point="official")
   r_codes, r_scales, r_zeros, _ = ref.quantize(w, bits, group_size)
   np.testing.assert_array_equal(codes.reshape(-1), r_codes.reshape(-1))
   np.testing.assert_array_equal(scales, r_scales[:, 0])
@@ -56,6 +57,7 @@ def test_ragged_last_group_is_quantized_on_its_own():
   w = np.random.default_rng(0).standard_normal(70).astype(np.float32)
   codes, scales, zeros = q.quantize_groupwise(jnp.asarray(w), 8, 32)
   assert codes.shape == (3, 32) and scales.shape == (3,)
+  assert zeros.dtype == jnp.float32  # the default: float offsets
   tail_codes, tail_scales, tail_zeros = q.quantize_groupwise(
       jnp.asarray(w[64:]), 8, 6)
   np.testing.assert_array_equal(codes[2, :6], tail_codes[0])
@@ -149,9 +151,11 @@ def test_quantized_array_is_a_pytree_of_three_arrays():
                   jnp.bfloat16)
   qa = q.quantize_array(w, bits=4, group_size=64)
   leaves, treedef = jax.tree.flatten(qa)
-  assert [x.dtype for x in leaves] == [jnp.uint8, jnp.float32, jnp.uint8]
+  assert [x.dtype for x in leaves] == [jnp.uint8, jnp.float32, jnp.float32]
   assert leaves[0].shape == (48 * 40 // 2,)  # int4: two codes per byte
-  assert qa.nbytes == 960 + 30 * 4 + 30
+  assert qa.nbytes == 960 + 30 * 4 + 30 * 4
+  official = q.quantize_array(w, bits=4, group_size=64, zero_point="official")
+  assert official.nbytes == 960 + 30 * 4 + 30  # uint8 zero points
   again = jax.tree.unflatten(treedef, leaves)
   assert isinstance(again, q.QuantizedArray)
   assert (again.shape, again.dtype, again.bits, again.group_size) == (
@@ -180,7 +184,7 @@ def test_nnx_layer_holds_quantized_kernel():
       layer(x), x @ layer.kernel.get_value().dequantize())
   state = nnx.state(layer, nnx.Param)
   assert [a.dtype for a in jax.tree.leaves(state)] == [
-      jnp.uint8, jnp.float32, jnp.uint8]
+      jnp.uint8, jnp.float32, jnp.float32]
 
 
 def test_bad_bits_and_keys():
@@ -218,7 +222,8 @@ def test_groupwise_under_jit_is_the_official_formula_bit_for_bit(bits):
   rounded reciprocal; near-ties would then round to the other code."""
   w = np.random.default_rng(bits).standard_normal(1 << 16).astype(np.float32)
   codes, scales, zeros = jax.jit(
-      lambda x: q.quantize_groupwise(x, bits, 256))(jnp.asarray(w))
+      lambda x: q.quantize_groupwise(x, bits, 256, zero_point="official"))(
+          jnp.asarray(w))
   r_codes, r_scales, r_zeros, _ = ref.quantize(w, bits, 256)
   np.testing.assert_array_equal(scales, r_scales[:, 0])
   np.testing.assert_array_equal(zeros, r_zeros[:, 0])
@@ -245,6 +250,94 @@ def near_tie_group(group_size=16):
 
 def test_groupwise_near_ties_under_jit():
   w = near_tie_group()
-  codes = jax.jit(lambda x: q.quantize_groupwise(x, 8, 16)[0])(jnp.asarray(w))
+  codes = jax.jit(lambda x: q.quantize_groupwise(
+      x, 8, 16, zero_point="official")[0])(jnp.asarray(w))
   np.testing.assert_array_equal(codes.reshape(-1),
                                 ref.quantize(w, 8, 16)[0].reshape(-1))
+
+
+def hostile_groups(group_size=16):
+  """Groups the official zero point cannot represent, and other edges."""
+  rng = np.random.default_rng(0)
+  base = rng.standard_normal(group_size).astype(np.float32)
+  return np.stack([
+      0.7071 + 1e-4 * base,                      # same sign, span << 2x
+      -3.0 - 1e-3 * np.abs(base),                # negative, narrow
+      np.full(group_size, 0.25),                 # constant
+      np.full(group_size, -7.0),                 # constant, negative
+      np.zeros(group_size),                      # all zero
+      1e-30 * base,                              # tiny values
+      1e-30 + 1e-38 * np.abs(base),              # tiny span near tiny value
+      1e6 + np.arange(group_size) * 0.0625,      # float32 spacing at 1e6
+      1.7e38 * np.sign(base),                    # span near float32's max
+      1e3 * base,                                # wide, straddles zero
+      np.linspace(5.0, 9.0, group_size),         # positive, > 2x
+  ]).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_float_zero_point_represents_every_group(bits):
+  w = hostile_groups()
+  for key in (None, jax.random.key(bits)):
+    codes, scales, zeros = q.quantize_groupwise(jnp.asarray(w), bits, 16,
+                                                key=key)
+    assert zeros.dtype == jnp.float32 and codes.dtype == jnp.uint8
+    assert int(codes.max()) < 2**bits
+    back = np.asarray(q.dequantize_groupwise(codes, scales, zeros, w.shape))
+    assert np.all(np.isfinite(back))
+    err = np.abs(back.astype(np.float64) - w.astype(np.float64))
+    step = np.asarray(scales, np.float64)[:, None]
+    # Half a step rounding to nearest, one step rounding stochastically
+    # (plus float32's own rounding of s q + m).
+    bound = step * (0.5 if key is None else 1.0)
+    assert np.all(err <= bound * (1 + 1e-5) + np.spacing(np.abs(w)))
+  np.testing.assert_array_equal(back[2:5], w[2:5])  # constants: exact
+
+
+def test_official_zero_point_collapses_same_sign_groups():
+  """Why the default changed: the official formula maps a same-sign group
+  spanning less than 2x to about one code step."""
+  near_one = jnp.array([[0.7069], [0.7073]])
+  official = q.quantize_array(near_one, 4, 256, zero_point="official")
+  assert official.zero_point == "official" and official.zeros.dtype == jnp.uint8
+  np.testing.assert_allclose(official.dequantize(), [[0.0004], [0.0004]],
+                             atol=1e-4)
+  faithful = q.quantize_array(near_one, 4, 256)
+  assert faithful.zero_point == "float"
+  np.testing.assert_allclose(faithful.dequantize(), near_one, atol=2e-5)
+
+
+def test_round_up_counts_exactly():
+  """Of all 2^16 equally likely uint16 draws, the fraction that rounds up
+  is the fractional part, to 2^-17, and exactly on the 2^-16 grid."""
+  bits = jnp.arange(2**16, dtype=jnp.uint32).astype(jnp.uint16)
+  fracs = np.concatenate([np.arange(0, 2**16, 997) / 2**16,
+                          np.random.default_rng(0).random(64)]
+                         ).astype(np.float32)
+  up = jax.vmap(lambda f: q.round_up(f, bits).mean(dtype=jnp.float64)
+                if jax.config.jax_enable_x64 else
+                q.round_up(f, bits).sum())(jnp.asarray(fracs))
+  p = np.asarray(up, np.float64) / 2**16
+  on_grid = np.arange(0, 2**16, 997).size
+  np.testing.assert_array_equal(p[:on_grid], fracs[:on_grid])
+  assert np.abs(p - fracs).max() <= 2.0**-17
+
+
+def test_stochastic_round_draws_uint16_bits():
+  jaxpr = str(jax.make_jaxpr(
+      lambda k: q.stochastic_round(jnp.full((4096,), 0.3), k))(
+          jax.random.key(0)))
+  assert "random_bits[bit_width=16 shape=(4096,)]" in jaxpr
+  assert "bit_width=32" not in jaxpr
+
+
+def test_float_zero_point_stochastic_quantization_is_unbiased():
+  w = jnp.asarray(0.7071 + 1e-3 * np.random.default_rng(1).random(512),
+                  jnp.float32)  # same-sign groups, narrow
+  keys = jax.random.split(jax.random.key(0), 400)
+  back = jax.vmap(lambda k: q.dequantize_groupwise(
+      *q.quantize_groupwise(w, 4, 128, key=k), (512,)))(keys)
+  step = float(q.quantize_groupwise(w, 4, 128)[1].max())
+  assert float(jnp.abs(back - w).max()) <= step * (1 + 1e-5)
+  # 400 draws: the mean's standard error is at most step / 40.
+  assert float(jnp.abs(back.mean(0) - w).max()) < 4 * step / 40
