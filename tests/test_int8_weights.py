@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import galore_jax
+from galore_jax import q_galore
 from galore_jax import quantization
 
 
@@ -217,3 +218,43 @@ def test_bf16_weights_do_not_drift_under_zero_updates():
   changed = np.mean(np.asarray(params["w"].codes) != np.asarray(start.codes))
   assert changed < 1e-3
   assert params["w"].dequantize().dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("bits,zero_point", [(8, "float"), (4, "official"),
+                                             (4, "float")])
+def test_chunked_stochastic_update_is_unbiased_and_in_range(
+    monkeypatch, bits, zero_point):
+  """Chunks of 256 values: 7 full chunks of 4 groups and a ragged rest."""
+  monkeypatch.setattr(quantization, "SR_CHUNK_ELEMENTS", 256)
+  w = 0.05 * jax.random.normal(jax.random.key(0), (37, 50))  # 1850 values
+  p = galore_jax.quantize_params({"w": w}, bits, 64,
+                                 zero_point=zero_point)["w"]
+  u = 3e-4 * jax.random.normal(jax.random.key(1), w.shape)
+  jaxpr = str(jax.make_jaxpr(q_galore.add_stochastic)(
+      p, u, jax.random.key(2)))
+  assert ("scan[" in jaxpr or "while[" in jaxpr) and "cond[" in jaxpr
+  apply = jax.jit(jax.vmap(q_galore.add_stochastic, in_axes=(None, None, 0)))
+  new = apply(p, u, jax.random.split(jax.random.key(3), 300))
+  target = p.dequantize() + u
+  back = jax.vmap(lambda n: n.dequantize())(new)
+  assert new.codes.shape[1:] == p.codes.shape
+  step = np.repeat(np.asarray(new.scales), 64, axis=1)[:, :1850].reshape(
+      (300,) + w.shape)
+  assert np.all(np.abs(np.asarray(back - target)) <= step * (1 + 1e-5))
+  # 300 draws: the mean's standard error is below step / 30 per element.
+  bias = np.abs(np.asarray(back.mean(0) - target))
+  assert np.mean(bias < 4 * step[0] / 30) > 0.995
+
+
+def test_stochastic_update_temporaries_do_not_grow_with_the_leaf():
+  def temp(n):
+    qa = jax.eval_shape(lambda: quantization.quantize_array(jnp.zeros((n,))))
+    u = jax.ShapeDtypeStruct((n,), jnp.bfloat16)
+    compiled = jax.jit(galore_jax.apply_updates_stochastic,
+                       donate_argnums=(0,)).lower(
+                           qa, u, jax.random.key(0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  small, large = temp(2**21), temp(2**24)
+  assert large == small  # bounded by the chunk, not by the leaf
+  assert large < 2**24 * 4 / 3  # a third of a float32 copy of the leaf
