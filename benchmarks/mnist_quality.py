@@ -56,6 +56,11 @@ METHODS = {
     "q_galore_adamw + int8 weights (round-to-nearest)": (
         lambda: galore_jax.q_galore_adamw(
             LR, rank=RANK, update_proj_gap=GAP, scale=SCALE), "int8_nearest"),
+    # Q-GaLore's official clipped zero point, projectors and weights.
+    "q_galore_adamw + int8 weights (official zero point)": (
+        lambda: galore_jax.q_galore_adamw(
+            LR, rank=RANK, update_proj_gap=GAP, scale=SCALE,
+            proj_zero_point="official"), "int8_stochastic_official"),
 }
 TARGETS = (  # (method, reference, max |difference| in accuracy points)
     ("q_galore_adamw", "galore_adamw", 0.5),
@@ -114,7 +119,7 @@ def make_epoch(opt, weights):
     updates, opt_state = opt.update(grads, opt_state, params)
     if weights == "float":
       stored = optax.apply_updates(stored, updates)
-    elif weights == "int8_stochastic":
+    elif weights.startswith("int8_stochastic"):
       stored = galore_jax.apply_updates_stochastic(
           stored, updates, jax.random.fold_in(key, count))
     elif weights == "int8_nearest":
@@ -148,7 +153,9 @@ def train(name, seed, epochs, data, compiled):
   opt = opt_factory()
   x_train, y_train, x_test, y_test = data
   params = init_params(jax.random.key(seed))
-  stored = params if weights == "float" else galore_jax.quantize_params(params)
+  stored = params if weights == "float" else galore_jax.quantize_params(
+      params, zero_point="official" if weights.endswith("official")
+      else "float")
   carry = (stored, opt.init(params), jnp.zeros((), jnp.int32),
            jax.random.fold_in(jax.random.key(seed), 1))
   compile_s = 0.0

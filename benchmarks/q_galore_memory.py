@@ -167,8 +167,8 @@ def main(argv=None):
     print(f"| {name} | {mib(4 * r['N'])} | {mib(2 * r['N'])} | {mib(r['w_int8'])}"
           f" | {mib(r['closed'])} | {mib(total)} | {total / r['closed']:.3f} |")
   print("\nint8 weights: the projected kernels (q, k, v, o, gate, up, down) as"
-        " `quantize_params` stores them (8-bit codes + float32 scale + uint8"
-        " zero per group of 256); embed, lm_head and norms counted in bf16, as"
+        " `quantize_params` stores them (8-bit codes + float32 scale and"
+        " float32 offset per group of 256); embed, lm_head and norms counted in bf16, as"
         " the official Q-GaLore keeps them. Closed form: N = params at 1 byte,"
         " M = elements of one Adam moment (r max(m, n) per projected kernel,"
         " full size otherwise) at 1 byte each for m and v, |proj| ="

@@ -525,17 +525,26 @@ def llama_train_step(method: str, config: LlamaConfig, params: dict, *,
   state = _made(tx.init, params)
   loss = lambda p, t: _llama_loss(p, t, config, remat)
   if method == "q_galore":
+    # INT8 kernels quantized per layer: the scan body dequantizes one
+    # layer at a time (`_linear`), and the gradients are taken w.r.t. the
+    # dequantized weights without a float copy of the model.
     def q_step(carry, tokens_BxT):
       qparams, state, key = carry
-      params = q_galore.dequantize_params(qparams)
-      value, grads = jax.value_and_grad(loss)(params, tokens_BxT)
-      updates, state = tx.update(grads, state, params)
+      value, grads = q_galore.value_and_grad(loss)(qparams, tokens_BxT)
+      updates, state = tx.update(grads, state,
+                                 q_galore.dequantize_params(qparams))
       key, sub = jax.random.split(key)
       qparams = q_galore.apply_updates_stochastic(qparams, updates, sub)
       return (qparams, state, key), value
 
-    qparams = _made(lambda p: q_galore.quantize_params(p, mask=tree_mask),
-                    params)
+    def quantize(p):
+      blocks, outer = _split(p)
+      blocks_mask, outer_mask = _split(tree_mask)
+      return {**q_galore.quantize_params(outer, mask=outer_mask),
+              "layers": layerwise_lib.quantize_blocks(blocks,
+                                                      mask=blocks_mask)}
+
+    qparams = _made(quantize, params)
     return q_step, (qparams, state, _made(lambda: jax.random.key(0)))
 
   def step(carry, tokens_BxT):

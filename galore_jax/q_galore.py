@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -555,9 +555,62 @@ def quantize_params(
 
 
 def dequantize_params(params: Any) -> Any:
-  """Replaces every ``QuantizedArray`` leaf by its float array."""
+  """Replaces every ``QuantizedArray`` (or ``WithGradient``) leaf by its
+  float array."""
   return jax.tree.map(quantization.dequantize, params,
-                      is_leaf=quantization.is_quantized)
+                      is_leaf=quantization.is_dequantizable)
+
+
+def value_and_grad(fn: Callable[..., jax.Array]) -> Callable[..., Any]:
+  """``jax.value_and_grad`` w.r.t. the float weights that quantized leaves
+  stand for, without a float copy of them.
+
+  ``fn(params, *args)`` receives ``params`` with every ``QuantizedArray``
+  leaf wrapped as a :class:`~galore_jax.quantization.WithGradient` (with a
+  zero ``delta``) and must dequantize each where it uses it
+  (:func:`~galore_jax.quantization.dequantize`, or
+  :func:`dequantize_params` of the slice a scanned layer receives). The
+  gradient of a quantized leaf is taken w.r.t. its ``delta``, which is the
+  gradient w.r.t. the dequantized weight: a model that dequantizes one
+  scanned layer at a time never holds the whole model in float.
+
+  Args:
+    fn: a scalar loss ``fn(params, *args)``.
+
+  Returns:
+    ``g(params, *args) -> (value, grads)``: ``grads`` is a float tree like
+    :func:`dequantize_params` of ``params`` (each quantized leaf's gradient
+    in its dtype, of shape ``batch_shape + shape``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import quantize_params, dequantize_params, q_galore
+    >>> from galore_jax import quantization
+    >>> params = quantize_params({"w": jnp.ones((64, 32))})
+    >>> x = jnp.ones((4, 64))
+    >>> loss = lambda p: jnp.sum(x @ quantization.dequantize(p["w"]))
+    >>> value, grads = q_galore.value_and_grad(loss)(params)
+    >>> ref = jax.grad(lambda p: loss(p))(dequantize_params(params))
+    >>> grads["w"].shape, bool(jnp.array_equal(grads["w"], ref["w"]))
+    ((64, 32), True)
+  """
+
+  def wrapped(params, *args):
+    leaves, treedef = jax.tree.flatten(params,
+                                       is_leaf=quantization.is_quantized)
+    probe = [jnp.zeros(x.batch_shape + x.shape, x.dtype)
+             if quantization.is_quantized(x) else x for x in leaves]
+
+    def loss(probe):
+      merged = [quantization.WithGradient(x, d)
+                if quantization.is_quantized(x) else d
+                for x, d in zip(leaves, probe)]
+      return fn(treedef.unflatten(merged), *args)
+
+    value, grads = jax.value_and_grad(loss)(probe)
+    return value, treedef.unflatten(grads)
+
+  return wrapped
 
 
 def apply_updates_stochastic(
@@ -614,10 +667,10 @@ def apply_updates_stochastic(
     if u is None or isinstance(u, optax.MaskedNode):
       out.append(p)
     elif quantization.is_quantized(p):
-      if tuple(u.shape) != p.shape:
+      if tuple(u.shape) != p.batch_shape + p.shape:
         raise ValueError(
             f"update of shape {u.shape} for a quantized weight of shape"
-            f" {p.shape}")
+            f" {p.batch_shape + p.shape}")
       out.append(add_stochastic(p, u, next(keys)))
     else:
       out.append(jnp.asarray(p + u).astype(jnp.asarray(p).dtype))
@@ -647,8 +700,12 @@ def add_stochastic(p: quantization.QuantizedArray, u: jax.Array,
   computation (:func:`galore_jax._inplace.unfused`), so the new codes
   overwrite the old ones in place; chunk ``c`` rounds with
   ``fold_in(key, c)``, and the rest (the last chunk, short or ragged) with
-  ``fold_in(key, chunks)``.
+  ``fold_in(key, chunks)``. A leaf quantized per slice (leading
+  ``batch_shape``, e.g. stacked layers) is requantized slice after slice in
+  place, slice ``l`` of the flattened batch with ``fold_in(key, l)``.
   """
+  if p.batch_shape:
+    return _add_stochastic_per_slice(p, u, key)
   g, k = p.group_size, quantization.codes_per_byte(p.bits)
   flat_u = jnp.ravel(u)
   per = max(k, quantization.SR_CHUNK_ELEMENTS // g // k * k)  # groups
@@ -677,3 +734,29 @@ def add_stochastic(p: quantization.QuantizedArray, u: jax.Array,
     carry = tuple(a.at[s:].set(x) for a, x, s in zip(carry, new, start))
   codes, scales, zeros = carry
   return dataclasses.replace(p, codes=codes, scales=scales, zeros=zeros)
+
+
+def _add_stochastic_per_slice(p, u, key):
+  """:func:`add_stochastic` of each slice of a batched ``p``, in place."""
+  n = math.prod(p.batch_shape)
+  flat = lambda a: a.reshape((n,) + a.shape[len(p.batch_shape):])
+  arrays = tuple(map(flat, (p.codes, p.scales, p.zeros)))
+  u = u.reshape((n,) + p.shape)
+  one = lambda c, s, z: dataclasses.replace(p, codes=c, scales=s, zeros=z)
+
+  def compute(l, codes, scales, zeros, u):
+    take = lambda a: jax.lax.dynamic_index_in_dim(a, l, keepdims=False)
+    new = add_stochastic(one(*map(take, (codes, scales, zeros))), take(u),
+                         jax.random.fold_in(key, l))
+    return new.codes, new.scales, new.zeros
+
+  def body(l, carry):
+    new = _inplace.unfused(l >= 0, compute, l, *carry, u)
+    return tuple(jax.lax.dynamic_update_index_in_dim(a, x, l, 0)
+                 for a, x in zip(carry, new))
+
+  codes, scales, zeros = jax.lax.fori_loop(0, n, body, arrays)
+  shaped = lambda a, like: a.reshape(like.shape)
+  return dataclasses.replace(p, codes=shaped(codes, p.codes),
+                             scales=shaped(scales, p.scales),
+                             zeros=shaped(zeros, p.zeros))

@@ -427,10 +427,23 @@ class QuantizedArray(_Stored):
       dtype: result dtype; default :attr:`dtype`. Pass ``jnp.float32`` to
         skip the rounding to a low-precision :attr:`dtype`.
     """
+    dtype = self.dtype if dtype is None else dtype
     size = num_groups(self.size, self.group_size) * self.group_size
-    codes = unpack(self.codes, self.bits, size)
-    return dequantize_groupwise(codes, self.scales, self.zeros, self.shape,
-                                self.dtype if dtype is None else dtype)
+
+    def one(codes, scales, zeros):
+      return dequantize_groupwise(unpack(codes, self.bits, size), scales,
+                                  zeros, self.shape, dtype)
+
+    for _ in self.batch_shape:  # quantized per layer: one matrix each
+      one = jax.vmap(one)
+    return one(self.codes, self.scales, self.zeros)
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    """Leading axes of arrays quantized one slice at a time (e.g. ``(L,)``
+    for stacked layers, see ``galore_jax.layerwise.quantize_blocks``);
+    :attr:`shape` is then one slice's shape."""
+    return tuple(self.scales.shape[:-1])
 
 
 def quantize_array(
@@ -493,13 +506,52 @@ def dequantize(x: Any, dtype: Any = None) -> Any:
   Either quantized type works: :class:`QuantizedArray` and
   :class:`AbsmaxQuantizedArray`.
   """
-  if isinstance(x, (QuantizedArray, AbsmaxQuantizedArray)):
+  if isinstance(x, (QuantizedArray, AbsmaxQuantizedArray, WithGradient)):
     return x.dequantize(dtype)
   return x if dtype is None else x.astype(dtype)
 
 
 def is_quantized(x: Any) -> bool:
   return isinstance(x, QuantizedArray)
+
+
+def is_dequantizable(x: Any) -> bool:
+  """A :class:`QuantizedArray` or a :class:`WithGradient`: a leaf that
+  :func:`dequantize` turns into one float array."""
+  return isinstance(x, (QuantizedArray, WithGradient))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class WithGradient:
+  """A :class:`QuantizedArray` plus a float ``delta`` of its full shape.
+
+  It dequantizes to ``quantized.dequantize() + delta``. With ``delta = 0``
+  that is the quantized weight itself, and the gradient with respect to
+  ``delta`` is the gradient with respect to the dequantized weight: the
+  codes need no float copy for it to exist. Use it through
+  :func:`galore_jax.q_galore.value_and_grad`; a scan over stacked layers
+  slices both parts, so each layer is dequantized where it is used.
+
+  Attributes:
+    quantized: the weight's codes.
+    delta: float array of ``quantized.batch_shape + quantized.shape``.
+  """
+
+  quantized: QuantizedArray
+  delta: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.quantized.shape
+
+  @property
+  def dtype(self) -> Any:
+    return self.quantized.dtype
+
+  def dequantize(self, dtype: Any = None) -> jax.Array:
+    dtype = self.quantized.dtype if dtype is None else dtype
+    return self.quantized.dequantize(dtype) + self.delta.astype(dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -344,3 +344,35 @@ def test_q_galore_adamw_trains_and_uses_the_requested_moments(state_bits):
   for _ in range(100):
     params, state = step(params, state)
   assert float(loss(params)) < 0.2 * start
+
+
+def test_same_sign_gradients_train_with_float_zero_points():
+  """A parabola whose gradient has a common sign: its top singular vector
+  is a same-sign vector that the official clipped zero point collapses to a
+  constant (Q-GaLore then stalls), while float offsets keep it and train as
+  GaLore does."""
+  target = 0.5 + 0.1 * jax.random.uniform(jax.random.key(0), (64, 128))
+  loss = lambda p: 0.5 * jnp.sum((p["w"] - target) ** 2)
+
+  def run(tx, steps=200):
+    p = {"w": jnp.zeros_like(target)}
+    s = tx.init(p)
+
+    @jax.jit
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return optax.apply_updates(p, u), s
+
+    for _ in range(steps):
+      p, s = step(p, s)
+    return float(loss(p))
+
+  start = float(loss({"w": jnp.zeros_like(target)}))
+  kw = dict(rank=1, update_proj_gap=20)
+  galore = run(galore_jax.galore_adamw(0.1, **kw))
+  faithful = run(galore_jax.q_galore_adamw(0.1, **kw))
+  official = run(galore_jax.q_galore_adamw(0.1, proj_zero_point="official",
+                                           **kw))
+  assert galore < 0.01 * start
+  assert faithful < 2 * galore
+  assert official > 0.5 * start  # the stall this scheme fixes

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 import optax
 
+from galore_jax import quantization
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -228,7 +230,7 @@ class Llama(nnx.Module):
                                    self.cfg.rope_theta)
 
     def body(block, x):
-      return block(x, cos_SxE, sin_SxE)
+      return dequantized(block)(x, cos_SxE, sin_SxE)
 
     if self.remat:
       body = nnx.remat(body)
@@ -242,6 +244,20 @@ class Llama(nnx.Module):
     if self.cfg.tie_embeddings:
       return self.embed.attend(x_BxSxD)
     return self.lm_head(x_BxSxD)
+
+
+def dequantized(module: nnx.Module) -> nnx.Module:
+  """``module`` itself, or a float copy if it holds INT8 (quantized) params.
+
+  :meth:`Llama.__call__` dequantizes each block where it runs it, so with
+  scanned layers one layer is in float at a time, never the whole model.
+  """
+  graphdef, state = nnx.split(module)
+  leaves = jax.tree.leaves(state, is_leaf=quantization.is_dequantizable)
+  if not any(map(quantization.is_dequantizable, leaves)):
+    return module
+  return nnx.merge(graphdef, jax.tree.map(
+      quantization.dequantize, state, is_leaf=quantization.is_dequantizable))
 
 
 def layerwise_fns(model: Llama):

@@ -56,6 +56,7 @@ import galore_jax
 from galore_jax import layerwise as layerwise_lib
 from galore_jax import lora
 from galore_jax import memory
+from galore_jax import q_galore
 from examples.llama import data as data_lib
 from examples.llama import hf
 from examples.llama import model as model_lib
@@ -69,6 +70,7 @@ TARGET_LINEARS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)$"
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # Args that set the shapes of the saved state: a resumed run must match them.
 _STATE_ARGS = ("model", "init_from", "method", "rank", "svd", "on_refresh",
+               "zero_point",
                "dtype", "param_dtype", "scan_layers", "batch_size", "seq_len",
                "grad_accum", "seed", "data", "tokenizer", "lora_alpha",
                "lora_trainable", "layerwise")
@@ -111,6 +113,10 @@ def parser() -> argparse.ArgumentParser:
          " (use a range finder on a --mesh: 'exact' gathers each gradient)")
   a("--on-refresh", default="keep", choices=("keep", "reset", "transport"),
     help="galore's moments across a subspace switch (float moments only)")
+  a("--zero-point", default="float", choices=("float", "official"),
+    help="q_galore's group quantization of projectors and INT8 weights:"
+         " 'float' offsets represent every group; 'official' is Q-GaLore's"
+         " clipped uint8 zero point (same-sign groups collapse)")
   a("--lora-alpha", type=float, default=None, help="default: the rank")
   a("--lora-trainable", default="embed|norm|lm_head",
     help="regex of params LoRA / QLoRA train in full ('' for none)")
@@ -308,7 +314,9 @@ def setup(method: str, model: model_lib.Llama, args) -> Method:
       return galore_jax.galore_adamw_8bit(schedule, svd=args.svd,
                                           **galore_kw)
     if method == "q_galore":
-      return galore_jax.q_galore_adamw(schedule, svd=args.svd, **galore_kw)
+      return galore_jax.q_galore_adamw(schedule, svd=args.svd,
+                                       proj_zero_point=args.zero_point,
+                                       **galore_kw)
     return optax.adamw(schedule, **kw)  # adamw, and LoRA's adapters
 
   layerwise = None
@@ -342,13 +350,18 @@ def setup(method: str, model: model_lib.Llama, args) -> Method:
               "frozen": _count(frozen)}
   else:
     groups = {f"{method} (all params)": _count(train)}
-  if method == "q_galore" and layerwise is not None:
+  if method == "q_galore" and model.scan_layers:
+    # Stacked kernels quantized layer by layer, so that each scanned (or
+    # layerwise) step dequantizes one layer's codes.
     blocks, outer = split_blocks(train)
     blocks_mask, outer_mask = split_blocks(mask)
-    train = join_blocks(layerwise_lib.quantize_blocks(blocks, mask=blocks_mask),
-                        galore_jax.quantize_params(outer, mask=outer_mask))
+    zp = dict(zero_point=args.zero_point)
+    train = join_blocks(
+        layerwise_lib.quantize_blocks(blocks, mask=blocks_mask, **zp),
+        galore_jax.quantize_params(outer, mask=outer_mask, **zp))
   elif method == "q_galore":
-    train = galore_jax.quantize_params(train, mask=mask)
+    train = galore_jax.quantize_params(train, mask=mask,
+                                       zero_point=args.zero_point)
   return Method(method, graphdef, train, frozen, tx, groups, schedule,
                 layerwise)
 
@@ -374,9 +387,14 @@ def make_step(m: Method):
   def loss(params, frozen, tokens_BxT):
     return model_lib.loss_fn(nnx.merge(m.graphdef, params, frozen), tokens_BxT)
 
+  # INT8 weights stay quantized into the model, which dequantizes each block
+  # where it runs it; their gradients are w.r.t. the dequantized weights.
+  grad_fn = (q_galore.value_and_grad if quantized
+             else jax.value_and_grad)(loss)
+
   def step(train, frozen, opt_state, key, tokens_BxT):
+    value, grads = grad_fn(train, frozen, tokens_BxT)
     params = galore_jax.dequantize_params(train) if quantized else train
-    value, grads = jax.value_and_grad(loss)(params, frozen, tokens_BxT)
     updates, opt_state = m.tx.update(grads, opt_state, params)
     key, sub = jax.random.split(key)
     if quantized:
@@ -387,8 +405,7 @@ def make_step(m: Method):
     return train, opt_state, key, metrics
 
   def eval_loss(train, frozen, tokens_NxBxT):
-    params = galore_jax.dequantize_params(train) if quantized else train
-    losses = jax.lax.map(lambda t: loss(params, frozen, t), tokens_NxBxT)
+    losses = jax.lax.map(lambda t: loss(train, frozen, t), tokens_NxBxT)
     return losses.mean()
 
   return step, eval_loss
@@ -540,12 +557,6 @@ def placement(m: "Method", mesh: Optional[jax.sharding.Mesh]) -> Placement:
 
 def init_view(m: "Method") -> Any:
   """What ``m.tx.init`` takes: float params (dequantized for q_galore)."""
-  if m.name == "q_galore" and m.layerwise is not None:
-    blocks, outer = split_blocks(m.train)
-    return jax.eval_shape(
-        lambda b, o: join_blocks(layerwise_lib.dequantize_blocks(b),
-                                 galore_jax.dequantize_params(o)),
-        blocks, outer)
   if m.name == "q_galore":
     return jax.eval_shape(galore_jax.dequantize_params, m.train)
   return m.train
