@@ -171,7 +171,9 @@ def scale_by_galore(
   _validation.concrete_number("seed", seed, integer=True)
 
   def refresh(g2, proj, spec, count):
-    dtype = dtype_of(g2.dtype)
+    # The stored projectors' dtype (set from the params at init), whatever
+    # the gradients' dtype: bf16 gradients of float32 params, or the reverse.
+    dtype = jax.tree.leaves(proj)[0].dtype
     if svd == "exact":
       return projection.svd_projectors(g2, spec, dtype)
     randomized = lambda: projection.range_projectors(

@@ -230,3 +230,42 @@ def test_complex_params_are_a_clear_type_error(make):
   real = jax.tree.map(jnp.real, params)
   with pytest.raises(TypeError, match="complex64"):  # complex gradients too
     tx.update(params, tx.init(real), real)
+
+
+MIXED = {
+    "galore_adamw": lambda: galore_jax.galore_adamw(1e-2, rank=2),
+    "galore_adamw_subspace": lambda: galore_jax.galore_adamw(
+        1e-2, rank=2, svd="subspace_iteration"),
+    "galore_adamw_8bit": lambda: galore_jax.galore_adamw_8bit(
+        1e-2, rank=2, min_8bit_size=0),
+    "galore_lion": lambda: galore_jax.galore_lion(1e-3, rank=2),
+    "galore_sgd": lambda: galore_jax.galore_sgd(1e-2, rank=2, momentum=0.9),
+    "galore_adafactor": lambda: galore_jax.galore_adafactor(
+        1e-2, rank=2, min_dim_size_to_factor=2),
+    "q_galore_adamw": lambda: galore_jax.q_galore_adamw(
+        1e-2, rank=2, proj_group_size=16, min_8bit_size=0),
+    "adamw_8bit": lambda: galore_jax.adamw_8bit(1e-2, min_8bit_size=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED))
+@pytest.mark.parametrize("params_dtype,grads_dtype", [
+    (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)])
+def test_grads_of_another_float_dtype_than_the_params(name, params_dtype,
+                                                      grads_dtype):
+  """As optax.adamw: bf16 gradients of float32 params (mixed precision), or
+  the reverse, across a refresh (gap 1)."""
+  key = jax.random.key(0)
+  params = {"w": jax.random.normal(key, (16, 8)).astype(params_dtype),
+            "b": jnp.ones(8, params_dtype)}
+  tx = MIXED[name]()
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for t in range(3):
+    grads = jax.tree.map(
+        lambda x: jax.random.normal(jax.random.fold_in(key, t), x.shape
+                                    ).astype(grads_dtype), params)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  for x in jax.tree.leaves(params):
+    assert x.dtype == params_dtype and bool(jnp.all(jnp.isfinite(x)))
