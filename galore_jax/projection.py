@@ -300,6 +300,17 @@ def _condition(y: jax.Array) -> jax.Array:
   return _t(_solve_lower(low, _t(y)))
 
 
+def _unit_scale(g: jax.Array) -> jax.Array:
+  """``g`` divided by its largest magnitude, per matrix (0 stays 0).
+
+  Singular vectors do not depend on the scale, but the range finders' Gram
+  matrices grow as its fourth power: entries near 1e9 overflow float32
+  (and near 1e-10 underflow) without this.
+  """
+  peak = jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True)
+  return g / jnp.where(peak > 0, peak, 1.0)
+
+
 def _orthonormal(y: jax.Array) -> jax.Array:
   """An orthonormal basis of ``y``'s columns (Householder QR: always
   orthonormal, rank-deficient ``y`` included)."""
@@ -363,12 +374,16 @@ def range_projectors(
   eigenvectors :math:`W` of the ``k x k`` matrix
   :math:`Q^\top G G^\top Q` give the singular vectors :math:`Q W`.
 
+  ``g`` is first divided by its largest magnitude, so the result does not
+  depend on the gradient's scale (float32 Gram matrices of entries near
+  1e9 would overflow).
+
   The cost is ``2 power_iters + 1`` products of ``g`` with a ``k``-column
   matrix (one more with a key), a shifted Cholesky-QR between iterations,
   one Householder QR of an ``m x k`` matrix and a ``k x k``
   eigendecomposition, against a full SVD's ``O(m n min(m, n))``.
   """
-  g = g.astype(jnp.float32)
+  g = _unit_scale(g.astype(jnp.float32))
   left = spec.use_row  # the side whose basis is found; both: the left one
   a = g if left else _t(g)  # find a left basis of `a`
   if start is not None:

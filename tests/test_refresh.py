@@ -459,3 +459,22 @@ def test_refresh_options_under_nnx_optimizer_match_plain_optax():
   got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("svd", ["randomized", "subspace_iteration"])
+@pytest.mark.parametrize("scale", [1e10, 1e-12])
+def test_range_finders_do_not_depend_on_the_gradient_scale(svd, scale):
+  """Singular vectors are scale-invariant; float32 Gram matrices are not
+  (entries near 1e10 overflowed to NaN projectors)."""
+  g = jax.random.normal(jax.random.key(0), (64, 172))
+  tx = galore_jax.scale_by_galore(rank=8, update_proj_gap=1, svd=svd)
+
+  def projector(grad):
+    state = tx.init({"w": grad})
+    for _ in range(2):  # the second refresh warm-starts subspace iteration
+      _, state = tx.update({"w": grad}, state)
+    return jax.tree.leaves(state.projector)[0]
+
+  ref, got = projector(g), projector(g * scale)
+  assert bool(jnp.all(jnp.isfinite(got)))
+  np.testing.assert_allclose(got, ref, atol=1e-4)
