@@ -45,7 +45,7 @@ def positive_int(name: str, value: Any) -> int:
 
 
 def concrete_number(name: str, value: Any, *, low=None, high=None,
-                    low_open=False, integer=False) -> None:
+                    low_open=False, high_open=False, integer=False) -> None:
   """Checks a (possibly array-valued, possibly traced) scalar hyperparameter."""
   if is_tracer(value) or callable(value):
     return
@@ -56,11 +56,12 @@ def concrete_number(name: str, value: Any, *, low=None, high=None,
   if integer and arr.dtype.kind == "f" and x != int(x):
     raise ValueError(f"`{name}` must be an integer, got {value!r}")
   bad_low = low is not None and (x <= low if low_open else x < low)
-  bad_high = high is not None and x > high
+  bad_high = high is not None and (x >= high if high_open else x > high)
   if bad_low or bad_high or not np.isfinite(x):
     lo = "-inf" if low is None else low
     hi = "inf" if high is None else high
-    interval = ("(" if low_open else "[") + f"{lo}, {hi}]"
+    interval = (("(" if low_open else "[") + f"{lo}, {hi}"
+                + (")" if high_open else "]"))
     raise ValueError(f"`{name}` must be in {interval}, got {value!r}")
 
 
@@ -76,3 +77,17 @@ def floating_tree(tree: Any) -> None:
   """:func:`floating` for every leaf of ``tree``."""
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     floating(jax.tree_util.keystr(path), x.dtype)
+
+
+def learning_rate(value: Any) -> None:
+  """A concrete learning rate must be finite and >= 0 (a negative one
+  climbs the loss); schedules and traced values pass."""
+  concrete_number("learning_rate", value, low=0)
+
+
+def adam(b1: Any, b2: Any, eps: Any) -> None:
+  """Adam's decays in [0, 1) (1 divides by a zero bias correction) and a
+  non-negative ``eps``."""
+  concrete_number("b1", b1, low=0, high=1, high_open=True)
+  concrete_number("b2", b2, low=0, high=1, high_open=True)
+  concrete_number("eps", eps, low=0)

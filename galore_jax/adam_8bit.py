@@ -123,9 +123,7 @@ def scale_by_adam_8bit(
     Dettmers et al., `8-bit Optimizers via Block-wise Quantization
     <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
-  _validation.concrete_number("b1", b1, low=0, high=1)
-  _validation.concrete_number("b2", b2, low=0, high=1)
-  _validation.concrete_number("eps", eps, low=0)
+  _validation.adam(b1, b2, eps)
   _validation.positive_int("block_size", block_size)
   _validation.static("min_8bit_size", min_8bit_size, "a non-negative int")
   if isinstance(min_8bit_size, bool) or not isinstance(
@@ -268,6 +266,7 @@ def adamw_8bit(
     Dettmers et al., `8-bit Optimizers via Block-wise Quantization
     <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
+  _validation.learning_rate(learning_rate)
   _validation.concrete_number("weight_decay", weight_decay, low=0)
   return optax.chain(
       scale_by_adam_8bit(b1, b2, eps, block_size=block_size,

@@ -155,7 +155,7 @@ def scale_by_galore(
   """
   projection.check_rank(rank)
   _validation.concrete_number(
-      "update_proj_gap", update_proj_gap, low=1, integer=True)
+      "update_proj_gap", update_proj_gap, low=1, high=2**30, integer=True)
   projector_dtype = _check_projector_dtype(projector_dtype)
 
   def dtype_of(leaf_dtype):
@@ -263,7 +263,8 @@ def scale_by_subspace(
     An ``optax.GradientTransformation``.
   """
   projection.check_rank(rank)
-  _validation.concrete_number("scale", scale)
+  # A negative scale reverses every projected update.
+  _validation.concrete_number("scale", scale, low=0, low_open=True)
   projection.check_proj_type(proj_type)
   if base is None:
     base = optax.scale_by_adam()
@@ -504,9 +505,7 @@ def scale_by_adam_hf(
     Wolf et al., `Transformers <https://arxiv.org/abs/1910.03771>`_, 2020
     (``transformers.AdamW``, ``correct_bias=True``).
   """
-  _validation.concrete_number("b1", b1, low=0, high=1)
-  _validation.concrete_number("b2", b2, low=0, high=1)
-  _validation.concrete_number("eps", eps, low=0)
+  _validation.adam(b1, b2, eps)
 
   def init_fn(params):
     return optax.ScaleByAdamState(
@@ -534,6 +533,7 @@ def _galore_chain(
     learning_rate, base, weight_decay, mask, galore_kwargs
 ) -> optax.GradientTransformation:
   """scale_by_galore(base) -> decoupled weight decay (full space) -> -lr."""
+  _validation.learning_rate(learning_rate)
   _validation.concrete_number("weight_decay", weight_decay, low=0)
   return optax.chain(
       scale_by_galore(base=base, **galore_kwargs),
@@ -616,6 +616,8 @@ def galore_adamw(
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
+  _validation.adam(b1, b2, eps)
+  _validation.concrete_number("eps_root", eps_root, low=0)
   if not hf_eps:
     base = optax.scale_by_adam(
         b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
@@ -786,6 +788,15 @@ def galore_adafactor(
   """
   # It decides which axes are factored, so it sets the state's shapes.
   _validation.positive_int("min_dim_size_to_factor", min_dim_size_to_factor)
+  _validation.concrete_number("decay_rate", decay_rate, low=0, high=1,
+                              low_open=True)
+  _validation.concrete_number("eps", eps, low=0)
+  if clipping_threshold is not None:
+    _validation.concrete_number("clipping_threshold", clipping_threshold,
+                                low=0, low_open=True)
+  if momentum is not None:
+    _validation.concrete_number("momentum", momentum, low=0, high=1,
+                                high_open=True)
   factored = optax.scale_by_factored_rms(
       decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor,
       epsilon=eps)
@@ -837,6 +848,8 @@ def galore_lion(
     Chen et al., `Symbolic Discovery of Optimization Algorithms
     <https://arxiv.org/abs/2302.06675>`_, 2023.
   """
+  _validation.concrete_number("b1", b1, low=0, high=1, high_open=True)
+  _validation.concrete_number("b2", b2, low=0, high=1, high_open=True)
   base = optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype)
   return _galore_chain(
       learning_rate, base, weight_decay, mask,
@@ -879,7 +892,8 @@ def galore_sgd(
   if momentum is None:
     base = optax.identity()
   else:
-    _validation.concrete_number("momentum", momentum, low=0, high=1)
+    _validation.concrete_number("momentum", momentum, low=0, high=1,
+                                high_open=True)
     base = optax.trace(decay=momentum, nesterov=nesterov)
   return _galore_chain(
       learning_rate, base, weight_decay, mask,

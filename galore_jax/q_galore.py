@@ -235,7 +235,7 @@ def scale_by_q_galore(
   """
   projection.check_rank(rank)
   _validation.concrete_number(
-      "update_proj_gap", update_proj_gap, low=1, integer=True)
+      "update_proj_gap", update_proj_gap, low=1, high=_MAX_GAP, integer=True)
   _check_settings(proj_bits, proj_group_size, cos_threshold, gamma_proj,
                   queue_size, proj_type, proj_zero_point)
   bits, group = int(proj_bits), int(proj_group_size)
@@ -475,6 +475,8 @@ def q_galore_adamw(
   _validation.static("state_bits", state_bits, "8 or 32")
   if state_bits not in (8, 32) or isinstance(state_bits, bool):
     raise ValueError(f"`state_bits` must be 8 or 32, got {state_bits!r}")
+  _validation.learning_rate(learning_rate)
+  _validation.adam(b1, b2, eps)
   _validation.concrete_number("weight_decay", weight_decay, low=0)
   if state_bits == 8:
     if hf_eps:

@@ -269,3 +269,52 @@ def test_grads_of_another_float_dtype_than_the_params(name, params_dtype,
     params = optax.apply_updates(params, updates)
   for x in jax.tree.leaves(params):
     assert x.dtype == params_dtype and bool(jnp.all(jnp.isfinite(x)))
+
+
+HARMFUL = [  # (factory, kwargs, the argument the error names)
+    (galore_jax.galore_adamw, dict(scale=-1.0), "scale"),
+    (galore_jax.galore_adamw, dict(scale=0.0), "scale"),
+    (galore_jax.galore_adamw, dict(b1=1.0), "b1"),
+    (galore_jax.galore_adamw, dict(b2=1.0), "b2"),
+    (galore_jax.galore_adamw, dict(eps=-1e-8), "eps"),
+    (galore_jax.galore_adamw, dict(eps_root=-1.0), "eps_root"),
+    (galore_jax.galore_adamw, dict(update_proj_gap=2**31), "update_proj_gap"),
+    (galore_jax.galore_adamw, dict(learning_rate=-1e-3), "learning_rate"),
+    (galore_jax.galore_adamw, dict(learning_rate=float("nan")),
+     "learning_rate"),
+    (galore_jax.galore_adamw, dict(weight_decay=-0.1), "weight_decay"),
+    (galore_jax.galore_adam, dict(b2=1.0), "b2"),
+    (galore_jax.galore_adamw_8bit, dict(b1=1.0), "b1"),
+    (galore_jax.galore_lion, dict(b1=1.0), "b1"),
+    (galore_jax.galore_lion, dict(b2=1.5), "b2"),
+    (galore_jax.galore_sgd, dict(momentum=1.0), "momentum"),
+    (galore_jax.galore_adafactor, dict(decay_rate=0.0), "decay_rate"),
+    (galore_jax.galore_adafactor, dict(clipping_threshold=0.0),
+     "clipping_threshold"),
+    (galore_jax.galore_adafactor, dict(momentum=1.0), "momentum"),
+    (galore_jax.q_galore_adamw, dict(update_proj_gap=2**31),
+     "update_proj_gap"),
+    (galore_jax.q_galore_adamw, dict(scale=-0.25), "scale"),
+    (galore_jax.q_galore_adamw, dict(b1=1.0), "b1"),
+    (galore_jax.q_galore_adamw, dict(b2=1.0, state_bits=32), "b2"),
+    (galore_jax.q_galore_adamw, dict(learning_rate=-1.0), "learning_rate"),
+    (galore_jax.adamw_8bit, dict(b2=1.0), "b2"),
+    (galore_jax.adamw_8bit, dict(learning_rate=-1.0), "learning_rate"),
+    (galore_jax.scale_by_adam_8bit, dict(b1=-0.1), "b1"),
+    (galore_jax.scale_by_adam_hf, dict(b2=1.0), "b2"),
+    (galore_jax.scale_by_galore, dict(scale=-1.0), "scale"),
+    (galore_jax.scale_by_q_galore, dict(update_proj_gap=2**31),
+     "update_proj_gap"),
+]
+
+
+@pytest.mark.parametrize("factory,kwargs,name", HARMFUL,
+                         ids=[f"{f.__name__}-{n}" for f, _, n in HARMFUL])
+def test_harmful_hyperparameters_are_refused(factory, kwargs, name):
+  """Values optax accepts but that reverse the updates, give NaN or wrap
+  around: refused at construction, naming the argument and its range."""
+  kw = dict(kwargs)
+  if "learning_rate" in factory.__code__.co_varnames[:1]:
+    kw.setdefault("learning_rate", 1e-2)
+  with pytest.raises(ValueError, match=f"`{name}` must be"):
+    factory(**kw)

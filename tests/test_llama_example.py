@@ -534,7 +534,16 @@ def test_cli_errors(tmp_path, capsys):
                    (["--method", "lora", "--layerwise"],
                     "lora train on the plain step"),
                    (["--clip", "1", "--clip-mode", "per_layer"],
-                    "--clip-mode applies to --layerwise with --clip")]:
+                    "--clip-mode applies to --layerwise with --clip"),
+                   (["--min-lr-ratio", "-5"], "--min-lr-ratio must be in"),
+                   (["--min-lr-ratio", "1.5"], "--min-lr-ratio must be in"),
+                   (["--lr", "inf"], "--lr must be finite"),
+                   (["--clip", "nan"], "--clip must be finite"),
+                   (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+                   (["--lora-alpha", "0"], "--lora-alpha must be > 0"),
+                   (["--seed", "-1"], "--seed must be >= 0"),
+                   (["--update-proj-gap", str(2**31)],
+                    "--update-proj-gap must be <= 2**30")]:
     with pytest.raises(SystemExit) as e:
       train_lib.main(bad)
     assert e.value.code == 2 and msg in capsys.readouterr().err

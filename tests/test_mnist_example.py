@@ -181,7 +181,12 @@ def test_cli_errors(capsys, tmp_path):
                    (["--ranks", "4,x"], "expected integers"),
                    (["--ranks", "0"], "ranks must be positive"),
                    (["--epochs", "0"], "--epochs must be >= 1"),
-                   (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+                   (["--lr", "-1"], "--lr must be finite and > 0, got -1.0"),
+                   (["--lr", "inf"], "--lr must be finite and > 0"),
+                   (["--galore-scale", "nan"], "--galore-scale must be"),
+                   (["--seed", "-3"], "--seed must be >= 0"),
+                   (["--update-proj-gap", str(2**31)],
+                    "--update-proj-gap must be <= 2**30"),
                    (["--train-limit", "10"], "--train-limit must be >=")]:
     with pytest.raises(SystemExit) as e:
       train_lib.main(bad)

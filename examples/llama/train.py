@@ -183,10 +183,23 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got"
               f" {getattr(args, name)}")
+  for name, value in vars(args).items():
+    if isinstance(value, float) and not math.isfinite(value):
+      p.error(f"--{name.replace('_', '-')} must be finite, got {value}")
   if args.rank is not None and args.rank < 1:
     p.error(f"--rank must be >= 1, got {args.rank}")
   if args.lr is not None and not args.lr > 0:
     p.error(f"--lr must be > 0, got {args.lr}")
+  if args.update_proj_gap > 2**30:
+    p.error(f"--update-proj-gap must be <= 2**30, got {args.update_proj_gap}")
+  if not 0 <= args.min_lr_ratio <= 1:
+    p.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+  if args.weight_decay < 0:
+    p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+  if args.lora_alpha is not None and not args.lora_alpha > 0:
+    p.error(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+  if args.seed < 0:
+    p.error(f"--seed must be >= 0, got {args.seed}")
   methods = ([m for m in args.compare.split(",") if m] if args.compare
              else [args.method])
   if args.on_refresh != "keep" and any(m != "galore" for m in methods):

@@ -33,6 +33,7 @@ Writes to ``--out``: ``results.jsonl`` (one record per run), ``summary.md``,
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import pathlib
 import statistics
@@ -398,8 +399,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       p.error(f"--{name.replace('_', '-')} must be >= 1")
   for name in ("lr", "galore_scale"):
     value = getattr(args, name)
-    if value is not None and not value > 0:
-      p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if value is not None and not (value > 0 and math.isfinite(value)):
+      p.error(f"--{name.replace('_', '-')} must be finite and > 0, got"
+              f" {value}")
+  if args.update_proj_gap > 2**30:
+    p.error(f"--update-proj-gap must be <= 2**30, got {args.update_proj_gap}")
+  if args.seed < 0:
+    p.error(f"--seed must be >= 0, got {args.seed}")
+
   if args.train_limit is not None and args.train_limit < args.batch_size:
     p.error(f"--train-limit must be >= --batch-size ({args.batch_size})")
   try:
