@@ -50,7 +50,11 @@ class HFTokenizer:
     except ImportError as e:
       raise ImportError("--tokenizer needs the `tokenizers` package: pip"
                         " install tokenizers") from e
-    self._tok = tokenizers.Tokenizer.from_file(str(path))
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises plain Exceptions
+      raise ValueError(f"--tokenizer: {path} is not a Hugging Face"
+                       f" tokenizer.json ({e})") from None
     self.vocab_size = self._tok.get_vocab_size()
     eos = next((t for t in ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
                 if self._tok.token_to_id(t) is not None), None)
@@ -142,8 +146,12 @@ def load(data: Optional[str] = None, tokenizer: Optional[str] = None,
     if not path.exists():
       raise FileNotFoundError(f"--data: {path} does not exist")
     if path.suffix in (".bin", ".npy") and path.is_file():
-      ids = (np.load(path) if path.suffix == ".npy"
-             else np.fromfile(path, np.uint16))
+      try:
+        ids = (np.load(path, allow_pickle=False) if path.suffix == ".npy"
+               else np.fromfile(path, np.uint16))
+      except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"--data: {path} is not a readable token-id file"
+                         f" ({type(e).__name__}: {e})") from None
       if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"--data: {path} must hold a 1-D integer array of"
                          f" token ids, got {ids.dtype} {ids.shape}")

@@ -70,7 +70,7 @@ TARGET_LINEARS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)$"
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # Args that set the shapes of the saved state: a resumed run must match them.
 _STATE_ARGS = ("model", "init_from", "method", "rank", "svd", "on_refresh",
-               "zero_point",
+               "zero_point", "clip", "clip_mode",
                "dtype", "param_dtype", "scan_layers", "batch_size", "seq_len",
                "grad_accum", "seed", "data", "tokenizer", "lora_alpha",
                "lora_trainable", "layerwise")
@@ -155,6 +155,9 @@ def parser() -> argparse.ArgumentParser:
   a("--eval-batches", type=int, default=8)
   a("--save-every", type=int, default=200, help="checkpoint period (steps)")
   a("--out", default="runs/llama", help="output directory")
+  a("--resume-step", type=int, default=None, metavar="N",
+    help="with --resume: continue from checkpoint N instead of the newest"
+         " (e.g. the newest intact one after a corrupt save)")
   a("--resume", action="store_true",
     help="continue from the latest checkpoint in --out/<method>/ckpt")
   a("--seed", type=int, default=0)
@@ -200,6 +203,10 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
     p.error(f"--lora-alpha must be > 0, got {args.lora_alpha}")
   if args.seed < 0:
     p.error(f"--seed must be >= 0, got {args.seed}")
+  if args.resume_step is not None and not args.resume:
+    p.error("--resume-step needs --resume")
+  if args.resume_step is not None and args.resume_step < 1:
+    p.error(f"--resume-step must be >= 1, got {args.resume_step}")
   methods = ([m for m in args.compare.split(",") if m] if args.compare
              else [args.method])
   if args.on_refresh != "keep" and any(m != "galore" for m in methods):
@@ -622,6 +629,87 @@ def _save(mngr, step: int, tree: dict) -> None:
   mngr.wait_until_finished()
 
 
+@jax.jit
+def all_finite(*trees) -> jax.Array:
+  """Whether every float leaf of ``trees`` is finite (one device scalar)."""
+  leaves = [x for x in jax.tree.leaves(trees)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _check_run_dir(out: pathlib.Path, ckpt_dir: pathlib.Path,
+                   resume: bool) -> None:
+  """Refuses a run that would delete or build on checkpoints it cannot
+  vouch for: a fresh run over a directory holding checkpoints, or a
+  --resume whose directory has checkpoints but no args.json record."""
+  steps = (sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit())
+           if ckpt_dir.is_dir() else [])
+  if not steps:
+    return
+  if not resume:
+    raise ValueError(
+        f"{out} already holds checkpoints (steps {', '.join(steps)}): pass"
+        " --resume to continue that run, or another --out; nothing was"
+        " deleted")
+  if not (out / "args.json").is_file():
+    raise ValueError(
+        f"--resume: {ckpt_dir} holds checkpoints (steps {', '.join(steps)})"
+        f" but {out / 'args.json'}, the record of the settings that wrote"
+        " them, is missing: restore it (or copy the whole run directory);"
+        " nothing was deleted")
+
+
+def _resume_step(mngr, ckpt_dir: pathlib.Path, wanted: Optional[int]) -> int:
+  steps = sorted(mngr.all_steps())
+  if wanted is None:
+    return steps[-1]
+  if wanted not in steps:
+    raise ValueError(f"--resume-step {wanted}: {ckpt_dir} has steps"
+                     f" {steps}")
+  return wanted
+
+
+def _restore_checked(mngr, ckpt_dir: pathlib.Path, step: int,
+                     like: dict) -> dict:
+  """:func:`_restore`, with a clear error for a corrupt or partial
+  checkpoint that names the newest older one that restores."""
+  try:
+    return _restore(mngr, step, like)
+  except Exception as e:  # pylint: disable=broad-except
+    older = [s for s in sorted(mngr.all_steps(), reverse=True) if s < step]
+    intact = None
+    for s in older:
+      try:
+        _restore(mngr, s, like)
+        intact = s
+        break
+      except Exception:  # pylint: disable=broad-except
+        continue
+    hint = ("no older checkpoint restores either" if intact is None else
+            f"the newest intact checkpoint is step {intact}: resume from it"
+            f" with --resume --resume-step {intact}")
+    raise ValueError(
+        f"--resume: checkpoint step {step} in {ckpt_dir} is corrupt,"
+        f" partial or was written by other settings"
+        f" ({type(e).__name__}: {str(e).splitlines()[0][:160]}); {hint}."
+        " Nothing was deleted") from None
+
+
+def _set_aside_newer(mngr, out: pathlib.Path, start: int) -> None:
+  """Moves checkpoints newer than ``start`` (when resuming from an older
+  one) to ``out/ckpt-set-aside/``, so the run can save those steps again
+  and nothing is deleted."""
+  newer = [s for s in mngr.all_steps() if s > start]
+  if not newer or not _lead():
+    return
+  aside = out / "ckpt-set-aside"
+  aside.mkdir(exist_ok=True)
+  for s in newer:
+    shutil.move(str(out / "ckpt" / str(s)), str(aside / str(s)))
+  mngr.reload()
+  _say(f"moved checkpoints {newer} to {aside}", file=sys.stderr, flush=True)
+
+
 def _restore(mngr, step: int, like: dict) -> dict:
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
@@ -705,6 +793,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   ckpt_dir = out / "ckpt"
   run_args = {k: getattr(args, k) for k in _STATE_ARGS}
   run_args["method"] = method
+  _check_run_dir(out, ckpt_dir, args.resume)
   fresh = not (args.resume and (out / "args.json").is_file())
   if not fresh:
     saved = json.loads((out / "args.json").read_text())
@@ -714,8 +803,9 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
       raise ValueError(f"--resume: these settings differ from the saved run"
                        f" in {out} (saved, now): {diff}")
   if _lead():
-    if fresh and out.exists():
-      shutil.rmtree(out)  # a fresh run replaces the old one
+    if fresh:  # a fresh run replaces the old run's records (no checkpoints)
+      for name in ("metrics.jsonl", "result.json", "args.json"):
+        (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(run_args, indent=1))
   _barrier(f"{method}: output directory ready")
@@ -741,11 +831,12 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   mngr = _manager(ckpt_dir)
   start = 0
   if args.resume and mngr.latest_step() is not None:
-    start = mngr.latest_step()
-    state = _restore(mngr, start, state)
+    start = _resume_step(mngr, ckpt_dir, args.resume_step)
+    state = _restore_checked(mngr, ckpt_dir, start, state)
     if int(state["step"]) != start:
       raise ValueError(f"checkpoint {start} in {ckpt_dir} holds step"
                        f" {int(state['step'])}")
+    _set_aside_newer(mngr, out, start)
     _say(f"[{method}] resumed from step {start} ({ckpt_dir})", flush=True)
   elif args.resume:
     _say(f"[{method}] --resume: no checkpoint in {ckpt_dir}; starting fresh",
@@ -798,6 +889,11 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   last_val = None
   pending = None  # (step, [micro-step metrics]) not yet checked on the host
 
+  def last_good():
+    latest = mngr.latest_step()
+    return ("No checkpoint was saved" if latest is None else
+            f"The last good checkpoint is step {latest} in {ckpt_dir}")
+
   def check(pending):
     s, ms = pending
     loss = float(np.mean([float(x["loss"]) for x in ms]))
@@ -805,14 +901,18 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
       raise NonFiniteLossError(
           f"[{method}] non-finite loss {loss} / grad norm {gnorm} at step"
-          f" {s + 1}: stopping. The last good checkpoint is step"
-          f" {mngr.latest_step()} in {ckpt_dir}; lower --lr or set --clip")
+          f" {s + 1}: stopping. {last_good()}; lower --lr or set --clip")
     return s, loss, gnorm
 
   def log(record):
     metrics_file.write(json.dumps(record) + "\n")
 
   def save(s):
+    # Only what is finite is saved: a checkpoint is a state to go back to.
+    if not bool(all_finite(train, opt_state)):
+      raise NonFiniteLossError(
+          f"[{method}] the params or optimizer state became non-finite by"
+          f" step {s}: not saved. {last_good()}; lower --lr or set --clip")
     _save(mngr, s, {"train": train, "frozen": frozen, "opt_state": opt_state,
                     "key": key, "step": np.int64(s),
                     "position": np.int64(position)})
@@ -967,6 +1067,19 @@ def summary(out: str | pathlib.Path) -> str:
   return text
 
 
+def _check_writable(out: pathlib.Path) -> None:
+  """A clear error now, not a traceback after training, if ``out`` cannot
+  hold the run's files."""
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise OSError(f"--out {out} is not a writable directory"
+                  f" ({e.strerror or e})") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   p = parser()
   args = p.parse_args(argv)
@@ -977,6 +1090,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   methods = ([x for x in args.compare.split(",") if x] if args.compare
              else [args.method])
   try:
+    _check_writable(pathlib.Path(args.out))
     corpus = data_lib.load(args.data, args.tokenizer, verbose=_lead())
     for method in methods:
       r = run(args, method, corpus)
@@ -985,7 +1099,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
     print(f"error: {e}", file=sys.stderr)
     return 2
   if _lead():

@@ -22,6 +22,7 @@ import os
 import pathlib
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from typing import NamedTuple, Optional
 
@@ -81,7 +82,8 @@ def load_npz(path: str | os.PathLike) -> MNIST:
         raise DataError(f"{path}: missing keys {missing}; an mnist.npz holds"
                         f" {', '.join(FILES)}")
       arrays = {k: f[k] for k in FILES}
-  except (OSError, ValueError, zlib.error, EOFError) as e:
+  except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile,
+          KeyError) as e:  # a truncated archive raises BadZipFile
     if isinstance(e, DataError):
       raise
     raise DataError(f"{path}: not a readable .npz ({e})") from e

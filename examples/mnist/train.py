@@ -426,9 +426,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flush=True)
 
   out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   results = out / "results.jsonl"
-  results.write_text("")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    results.write_text("")
+  except OSError as e:
+    print(f"error: --out {out} is not a writable directory"
+          f" ({e.strerror or e})", file=sys.stderr)
+    return 2
   records = []
   for method in methods:
     ranks = args.ranks if method in RANKED else [None]
