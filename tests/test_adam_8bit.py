@@ -113,7 +113,7 @@ def test_bad_arguments():
     galore_jax.scale_by_adam_8bit(block_size=0)
   with pytest.raises(ValueError, match="`min_8bit_size` must be a"):
     galore_jax.scale_by_adam_8bit(min_8bit_size=-1)
-  with pytest.raises(ValueError, match=r"`b1` must be in \[0, 1\]"):
+  with pytest.raises(ValueError, match=r"`b1` must be in \[0, 1\)"):
     galore_jax.adamw_8bit(1e-3, b1=1.5)
   with pytest.raises(ValueError, match="`weight_decay` must be in"):
     galore_jax.adamw_8bit(1e-3, weight_decay=-1.0)
