@@ -642,10 +642,11 @@ def _check_run_dir(out: pathlib.Path, ckpt_dir: pathlib.Path,
   """Refuses a run that would delete or build on checkpoints it cannot
   vouch for: a fresh run over a directory holding checkpoints, or a
   --resume whose directory has checkpoints but no args.json record."""
-  steps = (sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit())
-           if ckpt_dir.is_dir() else [])
+  steps = (sorted(int(p.name) for p in ckpt_dir.iterdir()
+                  if p.name.isdigit()) if ckpt_dir.is_dir() else [])
   if not steps:
     return
+  steps = [str(s) for s in steps]
   if not resume:
     raise ValueError(
         f"{out} already holds checkpoints (steps {', '.join(steps)}): pass"
