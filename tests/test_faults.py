@@ -5,6 +5,7 @@ and every failure gives a clear message (llama-tiny, a few steps)."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 
 import jax
@@ -49,7 +50,6 @@ def finished(tmp_path_factory):
 
 
 def _copy_run(src, dst):
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(src, dst)
   return dst
 
