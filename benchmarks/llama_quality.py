@@ -30,7 +30,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
 import galore_jax
-from examples.llama import data as data_lib
+from examples.llama import input_pipeline as data_lib
 from examples.llama import train as train_lib
 
 TARGETS = {"galore": ("val loss", 1.02), "q_galore": ("val loss", 1.03)}

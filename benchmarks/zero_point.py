@@ -31,8 +31,8 @@ import optax
 from flax import nnx
 
 import galore_jax
-from examples.llama import data as data_lib
-from examples.llama import model as model_lib
+from examples.llama import input_pipeline as data_lib
+from examples.llama import models as model_lib
 from examples.llama import train as train_lib
 from galore_jax import memory
 from galore_jax import quantization

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from examples.llama import data as data_lib
+from examples.llama import input_pipeline as data_lib
 from examples.llama import train as train_lib
 
 

@@ -14,9 +14,9 @@ import optax
 import pytest
 from flax import nnx
 
-from examples.llama import data as data_lib
+from examples.llama import input_pipeline as data_lib
 from examples.llama import hf
-from examples.llama import model as model_lib
+from examples.llama import models as model_lib
 from examples.llama import train as train_lib
 import galore_jax
 from galore_jax import memory

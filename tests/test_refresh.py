@@ -88,8 +88,8 @@ def test_exact_spectrum_is_recovered_when_the_rank_suffices():
 def llama_gradients():
   """Attention/MLP kernel gradients of the LLaMA example's llama-1m model
   after 20 AdamW steps, at two points 10 steps apart."""
-  from examples.llama import data as data_lib
-  from examples.llama import model as model_lib
+  from examples.llama import input_pipeline as data_lib
+  from examples.llama import models as model_lib
   from examples.llama import train as train_lib
   corpus = data_lib.load(verbose=False)
   args = train_lib.parser().parse_args(["--model", "llama-1m", "--steps",

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_jax
-from examples.llama import data as data_lib
+from examples.llama import input_pipeline as data_lib
 from examples.llama import train as train_lib
 
 RANK = 8

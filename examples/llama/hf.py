@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from examples.llama import model as model_lib
+from examples.llama import models as model_lib
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
            "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32,
@@ -44,7 +44,7 @@ def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def read_config(directory: str | pathlib.Path) -> model_lib.Config:
-  """The :class:`~examples.llama.model.Config` of an HF ``config.json``."""
+  """The :class:`~examples.llama.models.Config` of an HF ``config.json``."""
   path = pathlib.Path(directory) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"--init-from: no config.json in {directory}")

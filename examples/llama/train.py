@@ -57,9 +57,9 @@ from galore_jax import layerwise as layerwise_lib
 from galore_jax import lora
 from galore_jax import memory
 from galore_jax import q_galore
-from examples.llama import data as data_lib
+from examples.llama import input_pipeline as data_lib
 from examples.llama import hf
-from examples.llama import model as model_lib
+from examples.llama import models as model_lib
 
 METHODS = ("adamw", "adamw_8bit", "galore", "galore_8bit", "q_galore", "lora",
            "qlora")

@@ -78,7 +78,7 @@ class Config:
     return self.vocab * d + head + d + self.layers * per_layer
 
 
-BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD (see data.ByteTokenizer)
+BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD (see input_pipeline.ByteTokenizer)
 
 # The paper's configs (REFERENCE.md §1) and CPU-size ones. Names give the
 # size with the paper's 32000-token vocabulary, except the byte-level CPU
