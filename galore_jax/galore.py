@@ -157,58 +157,69 @@ def scale_by_galore(
   _validation.concrete_number(
       "update_proj_gap", update_proj_gap, low=1, high=2**30, integer=True)
   projector_dtype = _check_projector_dtype(projector_dtype)
-
-  def dtype_of(leaf_dtype):
-    return projector_dtype or leaf_dtype
-
-  def init_leaf(x, spec):
-    return projection.zero_projectors(spec, dtype_of(x.dtype))
-
-  if power_iters is None:
-    power_iters = projection.DEFAULT_POWER_ITERS.get(svd, 1)
-  projection.check_svd(svd, power_iters, oversample)
+  find = projection.finder(svd, power_iters, oversample, seed)
   _validation.boolean("stagger", stagger)
-  _validation.concrete_number("seed", seed, integer=True)
-
-  def refresh(g2, proj, spec, count):
-    # The stored projectors' dtype (set from the params at init), whatever
-    # the gradients' dtype: bf16 gradients of float32 params, or the reverse.
-    dtype = jax.tree.leaves(proj)[0].dtype
-    if svd == "exact":
-      return projection.svd_projectors(g2, spec, dtype)
-    randomized = lambda: projection.range_projectors(
-        g2, spec, dtype, key=jax.random.fold_in(jax.random.key(seed), count),
-        power_iters=power_iters, oversample=oversample)
-    if svd == "randomized":
-      return randomized()
-    warm = lambda: projection.range_projectors(
-        g2, spec, dtype, start=projection.current_basis(proj, spec),
-        power_iters=power_iters)
-    # No projector to start from at step 0: a randomized range finder.
-    return jax.lax.cond(count == 0, randomized, warm)
-
-  def update_leaf(g2, entry, spec, count, position=(0, 1)):
-    proj = projection.as_projectors(entry, spec)
-    due = count % update_proj_gap == 0
-    if stagger:  # leaf i of n refreshes at its own phase i K / n, and at 0
-      index, total = position
-      phase = (index * update_proj_gap) // total
-      due = (count % update_proj_gap == phase) | (count == 0)
-    proj = jax.lax.cond(
-        due,
-        lambda: refresh(g2, proj, spec, count),
-        lambda: proj,
-    )
-    return proj, proj
-
-  def read_leaf(entry, spec, dtype):
-    del dtype
-    return projection.as_projectors(entry, spec)
-
+  rule = ProjectorRule(
+      init=functools.partial(_init_projectors, projector_dtype),
+      update=functools.partial(_refresh_projectors, find, update_proj_gap,
+                               stagger),
+      dtype=lambda leaf_dtype: projector_dtype or leaf_dtype,
+      read=_read_projectors)
   return scale_by_subspace(
-      ProjectorRule(init_leaf, update_leaf, dtype_of, read_leaf), rank=rank,
-      scale=scale, proj_type=proj_type, base=base, mask=mask,
+      rule, rank=rank, scale=scale, proj_type=proj_type, base=base, mask=mask,
       dim_numbers=dim_numbers, state_type=GaLoreState, on_refresh=on_refresh)
+
+
+def stagger_phase(position: tuple[int, int], update_proj_gap: Any,
+                  stagger: bool) -> Any:
+  """The step, within each gap, at which a leaf refreshes.
+
+  ``position = (i, n)``: the leaf is the ``i``-th of ``n`` projected leaves.
+  0 without ``stagger``; with it, ``i * update_proj_gap // n``, so the ``n``
+  leaves spread their refreshes evenly over the gap.
+  """
+  if not stagger:
+    return 0
+  index, total = position
+  return (index * update_proj_gap) // total
+
+
+def refresh_due(count: jax.Array, gap: Any, phase: Any = 0) -> jax.Array:
+  """Whether a leaf refreshes at step ``count``: every ``gap`` steps from its
+  ``phase`` (:func:`stagger_phase`), and at step 0, where every leaf starts.
+
+  ``gap`` may be an array (Q-GaLore's per-layer gaps): the result then has
+  its shape.
+  """
+  return ((count - phase) % gap == 0) | (count == 0)
+
+
+def _init_projectors(projector_dtype, x, spec):
+  return projection.zero_projectors(spec, projector_dtype or x.dtype)
+
+
+def _read_projectors(entry, spec, dtype):
+  del dtype
+  return projection.as_projectors(entry, spec)
+
+
+def _refresh_projectors(find, update_proj_gap, stagger, g2, entry, spec,
+                        count, position):
+  """GaLore's rule: every projector of the leaf refreshes together when due.
+
+  The new projectors keep the stored ones' dtype (set from the params at
+  init), whatever the gradients' dtype.
+  """
+  proj = projection.as_projectors(entry, spec)
+  due = refresh_due(count, update_proj_gap,
+                    stagger_phase(position, update_proj_gap, stagger))
+  dtype = jax.tree.leaves(proj)[0].dtype
+  proj = jax.lax.cond(
+      due,
+      lambda: find.find(g2, spec, dtype, count,
+                        start=lambda: projection.current_basis(proj, spec)),
+      lambda: proj)
+  return proj, proj
 
 
 class ProjectorRule(NamedTuple):
@@ -285,15 +296,8 @@ def scale_by_subspace(
 
   def init_fn(params):
     leaves, treedef, specs = resolve(params)
-    entries, low_rank = [], []
-    for x, spec in zip(leaves, specs):
-      if spec is None:
-        entries.append(optax.MaskedNode())
-        low_rank.append(x)
-        continue
-      entries.append(rule.init(x, spec))
-      dtype = jnp.promote_types(x.dtype, rule.dtype(x.dtype))
-      low_rank.append(jnp.zeros(spec.low_rank_shape, dtype))
+    entries, low_rank = _unzip(map(functools.partial(_init_leaf, rule),
+                                   leaves, specs), 2)
     base_state = base.init(treedef.unflatten(low_rank))
     if on_refresh != "keep":
       _moment_fields(base_state, treedef, on_refresh)  # fails early if none
@@ -307,26 +311,9 @@ def scale_by_subspace(
     del params
     grads, treedef, specs = resolve(updates)
     entries = treedef.flatten_up_to(state.projector)
-    num_projected = sum(spec is not None for spec in specs)
-
-    low_rank, projectors, new_entries, moves = [], [], [], []
-    for g, entry, spec in zip(grads, entries, specs):
-      if spec is None:
-        low_rank.append(g)
-        projectors.append(None)
-        new_entries.append(optax.MaskedNode())
-        moves.append(None)
-        continue
-      g2 = projection.to_matrix(g, spec)
-      old = (None if on_refresh == "keep"
-             else rule.read(entry, spec, jnp.float32))
-      proj, entry = rule.update(g2, entry, spec, state.count,
-                                (len(projectors) - projectors.count(None),
-                                 num_projected))
-      projectors.append(proj)
-      new_entries.append(entry)
-      moves.append(None if old is None else _basis_change(old, proj, spec))
-      low_rank.append(projection.project(g2, proj, spec))
+    project = functools.partial(_project_leaf, rule, on_refresh, state.count)
+    low_rank, projectors, new_entries, moves = _unzip(
+        map(project, grads, entries, specs, _positions(specs)), 4)
 
     base_state = state.base_state
     if on_refresh != "keep":
@@ -335,20 +322,64 @@ def scale_by_subspace(
         treedef.unflatten(low_rank), base_state, None)
     low_updates = treedef.flatten_up_to(low_updates)
 
-    out = []
-    for g, u, proj, spec in zip(grads, low_updates, projectors, specs):
-      if spec is None:
-        out.append(u)
-        continue
-      full = projection.project_back(u, proj, spec) * scale
-      out.append(projection.from_matrix(full, spec).astype(g.dtype))
-    return treedef.unflatten(out), state_type(
+    out = map(functools.partial(_project_back_leaf, scale), grads,
+              low_updates, projectors, specs)
+    return treedef.unflatten(list(out)), state_type(
         count=optax.safe_int32_increment(state.count),
         projector=treedef.unflatten(new_entries),
         base_state=base_state,
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _unzip(rows, n: int) -> tuple[list, ...]:
+  """Per-leaf ``n``-tuples as ``n`` lists (``n`` empty lists for no leaves)."""
+  rows = list(rows)
+  return tuple(map(list, zip(*rows))) if rows else ([],) * n
+
+
+def _init_leaf(rule: ProjectorRule, x, spec):
+  """One leaf's ``(projector entry, zero low-rank gradient)`` for ``init``;
+  a leaf that is not projected: ``(MaskedNode, x)``."""
+  if spec is None:
+    return optax.MaskedNode(), x
+  dtype = jnp.promote_types(x.dtype, rule.dtype(x.dtype))
+  return rule.init(x, spec), jnp.zeros(spec.low_rank_shape, dtype)
+
+
+def _project_back_leaf(scale, g, u, proj, spec):
+  """The full-space update of one leaf from its low-rank update ``u``."""
+  if spec is None:
+    return u
+  full = projection.project_back(u, proj, spec) * scale
+  return projection.from_matrix(full, spec).astype(g.dtype)
+
+
+def _positions(specs: list) -> list:
+  """``(i, n)`` for the ``i``-th of the ``n`` projected leaves, else None."""
+  total = sum(spec is not None for spec in specs)
+  out, index = [], 0
+  for spec in specs:
+    out.append(None if spec is None else (index, total))
+    index += spec is not None
+  return out
+
+
+def _project_leaf(rule: ProjectorRule, on_refresh: str, count, g, entry,
+                  spec, position):
+  """One leaf's ``(low-rank gradient, projectors, new entry, basis move)``.
+
+  A leaf that is not projected passes through in full space, with no
+  projectors and a ``MaskedNode`` entry.
+  """
+  if spec is None:
+    return g, None, optax.MaskedNode(), None
+  g2 = projection.to_matrix(g, spec)
+  old = None if on_refresh == "keep" else rule.read(entry, spec, jnp.float32)
+  proj, entry = rule.update(g2, entry, spec, count, position)
+  move = None if old is None else _basis_change(old, proj, spec)
+  return projection.project(g2, proj, spec), proj, entry, move
 
 
 ON_REFRESH = ("keep", "reset", "transport")

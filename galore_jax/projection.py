@@ -400,6 +400,59 @@ def range_projectors(
   return _ritz_projectors(a, q, spec, dtype, left)
 
 
+class Finder(NamedTuple):
+  """How a refresh finds a leaf's top singular vectors (static settings).
+
+  Made by :func:`finder`, which validates them; shared by GaLore and
+  Q-GaLore, so both refresh the same way.
+
+  Attributes:
+    svd: ``"exact"``, ``"randomized"`` or ``"subspace_iteration"``.
+    power_iters: power iterations of the non-exact methods.
+    oversample: extra columns of the randomized range finder.
+    seed: seed of the randomized range finder's Gaussian.
+  """
+
+  svd: str
+  power_iters: int
+  oversample: int
+  seed: int
+
+  def find(self, g: jax.Array, spec: LeafSpec, dtype, count: jax.Array,
+           start: Callable[[], jax.Array] | None = None) -> Projectors:
+    """New projectors of the matrix view ``g`` at step ``count``.
+
+    ``"exact"``: :func:`svd_projectors`. ``"randomized"``:
+    :func:`range_projectors` with a Gaussian from ``seed`` folded with
+    ``count`` (runs and resumes repeat). ``"subspace_iteration"``:
+    :func:`range_projectors` warm-started from ``start()``, the current
+    singular vectors as columns (:func:`current_basis`), except at step 0,
+    where there is none yet and the randomized finder runs.
+    """
+    if self.svd == "exact":
+      return svd_projectors(g, spec, dtype)
+    randomized = lambda: range_projectors(
+        g, spec, dtype, key=jax.random.fold_in(jax.random.key(self.seed),
+                                               count),
+        power_iters=self.power_iters, oversample=self.oversample)
+    if self.svd == "randomized":
+      return randomized()
+    warm = lambda: range_projectors(g, spec, dtype, start=start(),
+                                    power_iters=self.power_iters)
+    return jax.lax.cond(count == 0, randomized, warm)
+
+
+def finder(svd: str = "exact", power_iters: int | None = None,
+           oversample: int = 8, seed: int = 0) -> Finder:
+  """A validated :class:`Finder`; ``power_iters=None`` takes the method's
+  default (:data:`DEFAULT_POWER_ITERS`)."""
+  if power_iters is None:
+    power_iters = DEFAULT_POWER_ITERS.get(svd, 1)
+  check_svd(svd, power_iters, oversample)
+  _validation.concrete_number("seed", seed, integer=True)
+  return Finder(svd, power_iters, oversample, seed)
+
+
 def current_basis(proj: Projectors, spec: LeafSpec) -> jax.Array:
   """The current singular vectors of the side :func:`range_projectors`
   iterates on, as columns (its ``start``)."""

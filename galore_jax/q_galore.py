@@ -21,6 +21,7 @@ and schedule:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -238,147 +239,198 @@ def scale_by_q_galore(
       "update_proj_gap", update_proj_gap, low=1, high=_MAX_GAP, integer=True)
   _check_settings(proj_bits, proj_group_size, cos_threshold, gamma_proj,
                   queue_size, proj_type, proj_zero_point)
-  bits, group = int(proj_bits), int(proj_group_size)
-  gaps = _gap_sequence(update_proj_gap, gamma_proj)
-  if power_iters is None:
-    power_iters = projection.DEFAULT_POWER_ITERS.get(svd, 1)
-  projection.check_svd(svd, power_iters, oversample)
-  _validation.concrete_number("seed", seed, integer=True)
+  find = projection.finder(svd, power_iters, oversample, seed)
   _validation.boolean("stagger", stagger)
-
-  def layer_shape(spec):
-    shapes = spec.projector_shapes
-    return (shapes.row if spec.use_row else shapes.col)[len(spec.batch_shape):]
-
-  def init_leaf(x, spec):
-    groups = quantization.num_groups(math.prod(layer_shape(spec)), group)
-    b = spec.batch_shape
-    length = spec.rows if spec.use_row else spec.cols
-    return QuantizedProjector(
-        codes=jnp.zeros(b + (quantization.packed_size(groups * group, bits),),
-                        jnp.uint8),
-        scales=jnp.zeros(b + (groups,), jnp.float32),
-        zeros=jnp.zeros(b + (groups,),
-                        quantization.zero_point_dtype(proj_zero_point)),
-        vector=jnp.zeros(b + (length,), jnp.float32),
-        gap=jnp.full(b, update_proj_gap, jnp.int32),
-        queue=jnp.zeros(b + (queue_size,), jnp.float32),
-        queue_count=jnp.zeros(b, jnp.int32),
-    )
-
-  def as_state(entry, spec):
-    # nnx.Optimizer may hand back a tuple or a mapping by field name.
-    st = _pytrees.as_record(QuantizedProjector, entry)
-    expected = jax.eval_shape(lambda: init_leaf(None, spec))
-    shapes = lambda t: [tuple(getattr(a, "shape", ())) for a in t]
-    if shapes(st) != shapes(expected):
-      raise ValueError(
-          f"Q-GaLore projector state with shapes {shapes(st)} does not match"
-          f" a leaf of shape {spec.shape}, which needs {shapes(expected)}:"
-          " was the state initialised for other params or settings?"
-      )
-    return st
-
-  def layer_matrix(st, spec, dtype):
-    return quantization.QuantizedArray(
-        st.codes, st.scales, st.zeros, shape=layer_shape(spec),
-        dtype=jnp.dtype(dtype), bits=bits, group_size=group).dequantize()
-
-  def find(g, st, count, spec):
-    if svd == "exact":
-      return projection.svd_projectors(g, spec, jnp.float32)
-    randomized = lambda: projection.range_projectors(
-        g, spec, jnp.float32, key=jax.random.fold_in(
-            jax.random.key(seed), count),
-        power_iters=power_iters, oversample=oversample)
-    if svd == "randomized":
-      return randomized()
-    mat = layer_matrix(st, spec, jnp.float32)
-    start = mat.T if spec.use_row else mat
-    warm = lambda: projection.range_projectors(
-        g, spec, jnp.float32, start=start, power_iters=power_iters)
-    return jax.lax.cond(count == 0, randomized, warm)  # step 0: no start
-
-  def refresh_layer(g, st, count, spec):
-    """New projector of one layer (unbatched ``g``), schedule updated."""
-    proj = find(g, st, count, spec)
-    mat = proj.row if spec.use_row else proj.col
-    vector = mat[0] if spec.use_row else mat[:, 0]
-    cos = jnp.vdot(st.vector, vector) / jnp.maximum(
-        jnp.linalg.norm(st.vector) * jnp.linalg.norm(vector), 1e-8)
-    has_past = count > 0  # step 0 is every layer's first refresh
-    pushed = jnp.where(
-        st.queue_count < queue_size,
-        st.queue.at[jnp.minimum(st.queue_count, queue_size - 1)].set(cos),
-        jnp.append(st.queue[1:], cos),
-    )
-    queue = jnp.where(has_past, pushed, st.queue)
-    queue_count = jnp.where(
-        has_past, jnp.minimum(st.queue_count + 1, queue_size), st.queue_count)
-    grow = has_past & (queue_count == queue_size) & (
-        jnp.sum(queue) / queue_size >= cos_threshold)
-    gap = jnp.where(grow, _grow(st.gap, gamma_proj, gaps), st.gap)
-    q = quantization.quantize_array(mat, bits, group,
-                                    zero_point=proj_zero_point)
-    return QuantizedProjector(
-        codes=q.codes, scales=q.scales, zeros=q.zeros, vector=vector,
-        gap=gap, queue=queue, queue_count=queue_count.astype(jnp.int32),
-    )
-
-  def dequantized(st, spec, dtype):
-    shape = layer_shape(spec)
-
-    def one(codes, scales, zeros):
-      return quantization.QuantizedArray(
-          codes, scales, zeros, shape=shape, dtype=jnp.dtype(dtype),
-          bits=bits, group_size=group).dequantize()
-
-    for _ in spec.batch_shape:
-      one = jax.vmap(one)
-    return one(st.codes, st.scales, st.zeros)
-
-  def update_leaf(g2, entry, spec, count, position=(0, 1)):
-    st = as_state(entry, spec)
-    due = count % st.gap == 0  # every layer follows its own adaptive gap
-    if stagger:  # leaf i of n at phase i K / n of its gap, and at 0
-      index, total = position
-      phase = (index * update_proj_gap) // total
-      due = ((count - phase) % st.gap == 0) | (count == 0)
-    nb = len(spec.batch_shape)
-    if nb == 0:
-      st = jax.lax.cond(
-          due, lambda: refresh_layer(g2, st, count, spec), lambda: st)
-    else:
-      flat = lambda x: x.reshape((-1,) + x.shape[nb:])
-      g_f, st_f, due_f = flat(g2), jax.tree.map(flat, st), due.reshape(-1)
-
-      def one(args):
-        g, s, d = args
-        return jax.lax.cond(d, lambda: refresh_layer(g, s, count, spec),
-                            lambda: s)
-
-      st_f = jax.lax.cond(jnp.any(due_f),
-                          lambda: jax.lax.map(one, (g_f, st_f, due_f)),
-                          lambda: st_f)
-      st = jax.tree.map(
-          lambda x, y: x.reshape(y.shape), st_f, st)
-    mat = dequantized(st, spec, g2.dtype)
-    proj = projection.Projectors(
-        row=mat if spec.use_row else optax.MaskedNode(),
-        col=mat if spec.use_col else optax.MaskedNode())
-    return proj, st
-
-  def read_leaf(entry, spec, dtype):
-    mat = dequantized(as_state(entry, spec), spec, dtype)
-    return projection.Projectors(
-        row=mat if spec.use_row else optax.MaskedNode(),
-        col=mat if spec.use_col else optax.MaskedNode())
-
+  code = _Code(int(proj_bits), int(proj_group_size), proj_zero_point)
+  schedule = _Schedule(update_proj_gap, cos_threshold, gamma_proj,
+                       int(queue_size), _gap_sequence(update_proj_gap,
+                                                      gamma_proj))
+  rule = galore.ProjectorRule(
+      init=functools.partial(_init_projector, code, schedule),
+      update=functools.partial(_update_projector, code, schedule, find,
+                               stagger),
+      dtype=lambda leaf_dtype: leaf_dtype,
+      read=functools.partial(_read_projector, code, schedule))
   return galore.scale_by_subspace(
-      galore.ProjectorRule(init_leaf, update_leaf, lambda dtype: dtype,
-                           read_leaf),
-      rank=rank, scale=scale, proj_type=proj_type, base=base, mask=mask,
+      rule, rank=rank, scale=scale, proj_type=proj_type, base=base, mask=mask,
       dim_numbers=dim_numbers, state_type=QGaLoreState, on_refresh=on_refresh)
+
+
+class _Code(NamedTuple):
+  """How a projector is stored: code width, group size, zero points."""
+  bits: int
+  group_size: int
+  zero_point: str
+
+
+class _Schedule(NamedTuple):
+  """The adaptive refresh schedule's settings (``gaps``: every reachable
+  gap, see :func:`_gap_sequence`; None for traced hyperparameters)."""
+  update_proj_gap: Any
+  cos_threshold: Any
+  gamma_proj: Any
+  queue_size: int
+  gaps: Optional[np.ndarray]
+
+
+def push_similarity(queue: jax.Array, queue_count: jax.Array,
+                    cos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Pushes ``cos`` into one layer's FIFO of cosine similarities.
+
+  ``queue`` (``(queue_size,)``, oldest first) holds ``queue_count`` entries:
+  while it is not full, ``cos`` fills the next slot; once full, the oldest
+  entry drops out. As the official ``collections.deque(maxlen=queue_size)``,
+  the queue is never cleared.
+
+  Returns:
+    The new ``(queue, queue_count)``.
+  """
+  size = queue.shape[-1]
+  pushed = jnp.where(
+      queue_count < size,
+      queue.at[jnp.minimum(queue_count, size - 1)].set(cos),
+      jnp.append(queue[1:], cos))
+  return pushed, jnp.minimum(queue_count + 1, size).astype(jnp.int32)
+
+
+def next_gap(gap: jax.Array, queue: jax.Array, queue_count: jax.Array,
+             cos_threshold: Any, gamma_proj: Any,
+             sequence: Optional[np.ndarray] = None) -> jax.Array:
+  """One layer's refresh gap after a refresh.
+
+  It grows to ``int(gap * gamma_proj)`` once the queue is full and the mean
+  of its similarities is at least ``cos_threshold`` (the official test);
+  otherwise it stays. ``sequence`` (:func:`_gap_sequence`) makes the growth
+  exact in float64, as official.
+  """
+  size = queue.shape[-1]
+  grow = (queue_count == size) & (jnp.sum(queue) / size >= cos_threshold)
+  return jnp.where(grow, _grow(gap, gamma_proj, sequence), gap)
+
+
+def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+  """The signed cosine similarity of two vectors (0 when one is zero)."""
+  return jnp.vdot(a, b) / jnp.maximum(
+      jnp.linalg.norm(a) * jnp.linalg.norm(b), 1e-8)
+
+
+def _layer_shape(spec: projection.LeafSpec) -> tuple[int, ...]:
+  """One layer's projector shape: ``(r, rows)`` or ``(cols, r)``."""
+  shapes = spec.projector_shapes
+  return (shapes.row if spec.use_row else shapes.col)[len(spec.batch_shape):]
+
+
+def _init_projector(code: _Code, schedule: _Schedule, x, spec):
+  del x
+  groups = quantization.num_groups(math.prod(_layer_shape(spec)),
+                                   code.group_size)
+  b = spec.batch_shape
+  return QuantizedProjector(
+      codes=jnp.zeros(
+          b + (quantization.packed_size(groups * code.group_size,
+                                        code.bits),), jnp.uint8),
+      scales=jnp.zeros(b + (groups,), jnp.float32),
+      zeros=jnp.zeros(b + (groups,),
+                      quantization.zero_point_dtype(code.zero_point)),
+      vector=jnp.zeros(b + (spec.rows if spec.use_row else spec.cols,),
+                       jnp.float32),
+      gap=jnp.full(b, schedule.update_proj_gap, jnp.int32),
+      queue=jnp.zeros(b + (schedule.queue_size,), jnp.float32),
+      queue_count=jnp.zeros(b, jnp.int32),
+  )
+
+
+def _as_state(code: _Code, schedule: _Schedule, entry, spec):
+  """The leaf's :class:`QuantizedProjector`, its shapes checked."""
+  # nnx.Optimizer may hand back a tuple or a mapping by field name.
+  st = _pytrees.as_record(QuantizedProjector, entry)
+  expected = jax.eval_shape(
+      lambda: _init_projector(code, schedule, None, spec))
+  shapes = lambda t: [tuple(getattr(a, "shape", ())) for a in t]
+  if shapes(st) != shapes(expected):
+    raise ValueError(
+        f"Q-GaLore projector state with shapes {shapes(st)} does not match"
+        f" a leaf of shape {spec.shape}, which needs {shapes(expected)}:"
+        " was the state initialised for other params or settings?")
+  return st
+
+
+def _dequantize_layer(code: _Code, codes, scales, zeros, spec, dtype):
+  return quantization.QuantizedArray(
+      codes, scales, zeros, shape=_layer_shape(spec), dtype=jnp.dtype(dtype),
+      bits=code.bits, group_size=code.group_size).dequantize()
+
+
+def _as_projectors(mat: jax.Array, spec) -> projection.Projectors:
+  return projection.Projectors(
+      row=mat if spec.use_row else optax.MaskedNode(),
+      col=mat if spec.use_col else optax.MaskedNode())
+
+
+def _refresh_layer(code: _Code, schedule: _Schedule, find, g, st, count,
+                   spec) -> QuantizedProjector:
+  """One layer's new projector (unbatched ``g``) and schedule."""
+  current = lambda: projection.current_basis(_as_projectors(
+      _dequantize_layer(code, st.codes, st.scales, st.zeros, spec,
+                        jnp.float32), spec), spec)
+  proj = find.find(g, spec, jnp.float32, count, start=current)
+  mat = proj.row if spec.use_row else proj.col
+  vector = mat[0] if spec.use_row else mat[:, 0]
+  has_past = count > 0  # step 0 is every layer's first refresh
+  pushed, pushed_count = push_similarity(st.queue, st.queue_count,
+                                         cosine(st.vector, vector))
+  queue = jnp.where(has_past, pushed, st.queue)
+  queue_count = jnp.where(has_past, pushed_count, st.queue_count)
+  gap = jnp.where(has_past, next_gap(st.gap, queue, queue_count,
+                                     schedule.cos_threshold,
+                                     schedule.gamma_proj, schedule.gaps),
+                  st.gap)
+  q = quantization.quantize_array(mat, code.bits, code.group_size,
+                                  zero_point=code.zero_point)
+  return QuantizedProjector(
+      codes=q.codes, scales=q.scales, zeros=q.zeros, vector=vector,
+      gap=gap, queue=queue, queue_count=queue_count)
+
+
+def _dequantized(code: _Code, st: QuantizedProjector, spec, dtype):
+  """Every layer's float projector, ``batch + layer shape``."""
+  one = lambda c, s, z: _dequantize_layer(code, c, s, z, spec, dtype)
+  for _ in spec.batch_shape:
+    one = jax.vmap(one)
+  return one(st.codes, st.scales, st.zeros)
+
+
+def _update_projector(code: _Code, schedule: _Schedule, find, stagger, g2,
+                      entry, spec, count, position):
+  """Q-GaLore's rule: each layer refreshes when its own gap is due.
+
+  A stacked leaf runs one ``lax.cond`` on "any layer due", inside which the
+  due layers refresh one by one (``lax.map`` with a per-layer ``lax.cond``).
+  """
+  st = _as_state(code, schedule, entry, spec)
+  due = galore.refresh_due(count, st.gap, galore.stagger_phase(
+      position, schedule.update_proj_gap, stagger))
+  refresh = lambda g, s, d: jax.lax.cond(
+      d, lambda: _refresh_layer(code, schedule, find, g, s, count, spec),
+      lambda: s)
+  nb = len(spec.batch_shape)
+  if nb == 0:
+    st = refresh(g2, st, due)
+  else:
+    flat = lambda x: x.reshape((-1,) + x.shape[nb:])
+    g_f, st_f, due_f = flat(g2), jax.tree.map(flat, st), due.reshape(-1)
+    st_f = jax.lax.cond(
+        jnp.any(due_f), lambda: jax.lax.map(lambda a: refresh(*a),
+                                            (g_f, st_f, due_f)),
+        lambda: st_f)
+    st = jax.tree.map(lambda x, y: x.reshape(y.shape), st_f, st)
+  return _as_projectors(_dequantized(code, st, spec, g2.dtype), spec), st
+
+
+def _read_projector(code: _Code, schedule: _Schedule, entry, spec, dtype):
+  return _as_projectors(
+      _dequantized(code, _as_state(code, schedule, entry, spec), spec, dtype),
+      spec)
 
 
 def _in_float32(base: optax.GradientTransformation):
