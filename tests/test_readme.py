@@ -1,24 +1,16 @@
-"""The README's quickstarts run and train."""
-
-import pathlib
-import re
+"""The quickstarts run and train: the README's GaLore and Q-GaLore blocks,
+the first blocks of docs/lora.md and docs/layerwise.md."""
 
 import jax
 
 import galore_jax
-
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-
-
-def run_block(i):
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-  scope = {}
-  exec(compile(blocks[i], str(README), "exec"), scope)  # pylint: disable=exec-used
-  return scope
+from tests.test_docs import DOCS
+from tests.test_docs import README
+from tests.test_docs import run_block
 
 
 def test_quickstart_runs_and_decreases_the_loss():
-  scope = run_block(0)
+  scope = run_block(README, 0)
   params, opt_state = scope["params"], scope["opt_state"]
   state = opt_state[0]
   assert isinstance(state, galore_jax.GaLoreState)
@@ -32,7 +24,7 @@ def test_quickstart_runs_and_decreases_the_loss():
 
 
 def test_q_galore_quickstart_runs_and_decreases_the_loss():
-  scope = run_block(1)
+  scope = run_block(README, 1)
   qparams, opt_state = scope["qparams"], scope["opt_state"]
   assert isinstance(qparams["w1"], galore_jax.QuantizedArray)
   assert isinstance(opt_state[0], galore_jax.QGaLoreState)
@@ -48,7 +40,7 @@ def test_q_galore_quickstart_runs_and_decreases_the_loss():
 
 def test_lora_quickstart_trains_and_merges():
   from flax import nnx
-  scope = run_block(2)
+  scope = run_block(DOCS / "lora.md", 0)
   model = scope["model"]
   assert all(type(layer) is nnx.Linear for layer in model.layers
              if isinstance(layer, nnx.Module))
@@ -57,7 +49,7 @@ def test_lora_quickstart_trains_and_merges():
 
 
 def test_layerwise_quickstart_trains_with_per_layer_state():
-  scope = run_block(3)
+  scope = run_block(DOCS / "layerwise.md", 0)
   state = scope["state"]
   assert isinstance(state, galore_jax.LayerwiseState)
   assert int(state.count) == 3
