@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 import galore_jax
 from examples.llama import input_pipeline as data_lib
+from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 
 TARGETS = {"galore": ("val loss", 1.02), "q_galore": ("val loss", 1.03)}
@@ -58,8 +59,8 @@ def throughput(args, methods: list[str]) -> dict[str, list[float]]:
   runners = {}
   for method in methods:
     model = train_lib.build_model(opts, corpus.vocab_size)
-    m = train_lib.setup(method, model, opts)
-    step_fn, _ = train_lib.make_step(m)
+    m = methods_lib.build(method, model, opts)
+    step_fn = m.step
     init = (galore_jax.dequantize_params(m.train) if method == "q_galore"
             else m.train)
     state = [m.train, m.tx.init(init), jax.random.PRNGKey(0)]

@@ -33,6 +33,7 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 import galore_jax  # noqa: E402
+from examples.llama import methods as methods_lib  # noqa: E402
 from examples.llama import train as train_lib  # noqa: E402
 from _llama_stack import kernel_shapes  # noqa: E402
 
@@ -56,7 +57,7 @@ def mesh_of(fsdp):
 def shardings(params, mesh):
   n = mesh.shape["fsdp"]
   return jax.tree.map(
-      lambda x: NamedSharding(mesh, train_lib.fsdp_spec(x.shape, n)), params)
+      lambda x: NamedSharding(mesh, methods_lib.fsdp_spec(x.shape, n)), params)
 
 
 def state_bytes(tx, params, fsdp):

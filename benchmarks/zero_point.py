@@ -33,6 +33,7 @@ from flax import nnx
 import galore_jax
 from examples.llama import input_pipeline as data_lib
 from examples.llama import models as model_lib
+from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 from galore_jax import memory
 from galore_jax import quantization
@@ -45,9 +46,9 @@ def warm_model(args, corpus):
   opts = train_lib.parser().parse_args(
       ["--model", args.model, "--steps", str(max(args.warm_steps, 1)),
        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)])
-  m = train_lib.setup("adamw", train_lib.build_model(opts, corpus.vocab_size),
+  m = methods_lib.build("adamw", train_lib.build_model(opts, corpus.vocab_size),
                       opts)
-  step_fn, _ = train_lib.make_step(m)
+  step_fn = m.step
   step = jax.jit(step_fn, donate_argnums=(0, 2, 3))
   train, state, key = m.train, m.tx.init(m.train), jax.random.key(0)
   for i in range(args.warm_steps):
@@ -58,7 +59,7 @@ def warm_model(args, corpus):
                                       args.batch_size, args.seq_len, 0))
   loss = lambda p: model_lib.loss_fn(
       nnx.merge(m.graphdef, p, m.frozen), tokens)
-  return jax.grad(loss)(train), train_lib.target_mask(train), opts
+  return jax.grad(loss)(train), methods_lib.target_mask(train), opts
 
 
 def _matrix(projectors):
@@ -76,14 +77,13 @@ def projector_errors(grads, mask, rank, bits):
                                       mask=mask, proj_bits=bits,
                                       proj_zero_point=scheme)
     _, qst = tx.update(grads, tx.init(grads))
-    flat = jax.tree_util.tree_flatten_with_path(
-        grads, is_leaf=lambda x: x is None)[0]
-    for path, g in flat:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        grads, is_leaf=lambda x: x is None)
+    for (path, g), p, q in zip(flat, treedef.flatten_up_to(st.projector),
+                               treedef.flatten_up_to(qst.projector)):
       name = memory.path_str(path)
-      p = _get(st.projector, path)
       if isinstance(p, optax.MaskedNode):
         continue
-      q = _get(qst.projector, path)
       row = not isinstance(p.row, optax.MaskedNode)
       mat = _matrix(p)
       deq = quantization.QuantizedArray(
@@ -94,12 +94,6 @@ def projector_errors(grads, mask, rank, bits):
           lambda P: jnp.sum((g @ P) ** 2))
       out[scheme].append((name, err, float(keep(deq) / keep(mat))))
   return out
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[getattr(k, "key", getattr(k, "idx", None))]
-  return tree
 
 
 def train_runs(args):

@@ -17,6 +17,7 @@ from flax import nnx
 from examples.llama import input_pipeline as data_lib
 from examples.llama import hf
 from examples.llama import models as model_lib
+from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 import galore_jax
 from galore_jax import memory
@@ -291,7 +292,7 @@ def _restore(out, method, step=None):
   return mngr.restore(mngr.latest_step() if step is None else step)
 
 
-@pytest.mark.parametrize("method", train_lib.METHODS)
+@pytest.mark.parametrize("method", methods_lib.NAMES)
 def test_each_method_decreases_the_loss(tmp_path, method):
   assert train_lib.main(_args(tmp_path, method, "--lr", "0.01", "--warmup",
                               "0", steps=8)) == 0
@@ -307,8 +308,8 @@ def test_each_method_decreases_the_loss(tmp_path, method):
 def test_galore_projects_only_attention_and_mlp_kernels(tmp_path):
   args = train_lib.parser().parse_args(_args(tmp_path, "galore"))
   model = train_lib.build_model(args, TINY.vocab)
-  m = train_lib.setup("galore", model, args)
-  mask = train_lib.target_mask(m.train)
+  m = methods_lib.build("galore", model, args)
+  mask = methods_lib.target_mask(m.train)
   projected = {memory.path_str(p) for p, v in
                jax.tree_util.tree_leaves_with_path(mask) if v}
   assert len(projected) == 7 * TINY.layers
@@ -424,10 +425,10 @@ def test_layerwise_gradients_equal_the_plain_gradients():
       lambda p: jax.tree.map(jnp.zeros_like, p),
       lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
   step = galore_jax.layerwise_step(*model_lib.layerwise_fns(model), record)
-  blocks, outer = train_lib.split_blocks(train)
+  blocks, outer = methods_lib.split_blocks(train)
   state = step.init(outer, blocks)
   _, _, state, metrics = jax.jit(step.step)(outer, blocks, state, tokens)
-  got = train_lib.join_blocks(state.blocks, state.outer)
+  got = methods_lib.join_blocks(state.blocks, state.outer)
   assert _rel(got, want) < 1e-6
   np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(want),
                              rtol=1e-6)
@@ -447,7 +448,7 @@ def test_layerwise_equals_the_plain_step(tmp_path, method, extra, tol):
   plain, fused = tmp_path / "plain", tmp_path / "fused"
   assert train_lib.main(_args(plain, method, "--scan-layers", *extra)) == 0
   assert train_lib.main(_args(fused, method, "--layerwise", *extra)) == 0
-  start = train_lib.setup(method, train_lib.build_model(
+  start = methods_lib.build(method, train_lib.build_model(
       train_lib.parser().parse_args(_args(plain, method, "--scan-layers")),
       TINY.vocab), train_lib.parser().parse_args(_args(plain, method))).train
   a, b = _final(fused, method), _final(plain, method)
@@ -480,7 +481,7 @@ def test_layerwise_q_galore_keeps_int8_layers(tmp_path):
                               steps=3)) == 0
   args = train_lib.parser().parse_args(_args(tmp_path, "q_galore",
                                              "--layerwise"))
-  m = train_lib.setup("q_galore", train_lib.build_model(args, TINY.vocab),
+  m = methods_lib.build("q_galore", train_lib.build_model(args, TINY.vocab),
                       args)
   q = m.train["layers"]["attn"]["q"]["kernel"]
   assert isinstance(q, galore_jax.QuantizedArray)

@@ -90,12 +90,13 @@ def llama_gradients():
   after 20 AdamW steps, at two points 10 steps apart."""
   from examples.llama import input_pipeline as data_lib
   from examples.llama import models as model_lib
+  from examples.llama import methods as methods_lib
   from examples.llama import train as train_lib
   corpus = data_lib.load(verbose=False)
   args = train_lib.parser().parse_args(["--model", "llama-1m", "--steps",
                                         "30", "--method", "adamw"])
-  m = train_lib.setup("adamw", train_lib.build_model(args, 259), args)
-  step = jax.jit(train_lib.make_step(m)[0])
+  m = methods_lib.build("adamw", train_lib.build_model(args, 259), args)
+  step = jax.jit(m.step)
   loss = lambda p, t: model_lib.loss_fn(nnx.merge(m.graphdef, p, m.frozen), t)
   train, state, key = m.train, m.tx.init(m.train), jax.random.PRNGKey(0)
   grads = []
@@ -105,7 +106,7 @@ def llama_gradients():
       grads.append(jax.grad(loss)(train, tokens))
     train, state, key, _ = step(train, m.frozen, state, key,
                                 data_lib.batch(corpus.train, i, 16, 128, 0))
-  mask = train_lib.target_mask(grads[0])
+  mask = methods_lib.target_mask(grads[0])
   pick = lambda g: [x for x, k in zip(jax.tree.leaves(g),
                                       jax.tree.leaves(mask)) if k]
   return pick(grads[0]), pick(grads[1])

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import galore_jax
 from examples.llama import input_pipeline as data_lib
+from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 
 RANK = 8
@@ -214,7 +215,7 @@ def _state_bytes_per_device(tx, params, fsdp, skip="^$"):
   """Bytes of ``tx``'s state on one device of an fsdp mesh, leaving out the
   leaves whose path matches ``skip``."""
   mesh = _mesh(1, fsdp)
-  sh = jax.tree.map(lambda x: NamedSharding(mesh, train_lib.fsdp_spec(
+  sh = jax.tree.map(lambda x: NamedSharding(mesh, methods_lib.fsdp_spec(
       x.shape, fsdp)), params)
   st_sh = galore_jax.state_sharding(tx, params, sh)
   abstract = jax.tree_util.tree_flatten_with_path(
@@ -329,7 +330,7 @@ def _train_llama(method, mesh_text, svd="exact", state_bits=8,
       "--model", "llama-tiny", "--method", example, "--steps", str(STEPS),
       "--batch-size", "8", "--seq-len", "32", "--update-proj-gap", "5",
       "--svd", svd] + (["--mesh", mesh_text] if mesh_text else []))
-  m = train_lib.setup(example, train_lib.build_model(args, 259), args)
+  m = methods_lib.build(example, train_lib.build_model(args, 259), args)
   if method == "q_galore_adamw":
     # The official zero point: with float offsets, a last-bit change of the
     # gradients moves these 4-bit projectors' codes across more rounding
@@ -337,20 +338,20 @@ def _train_llama(method, mesh_text, svd="exact", state_bits=8,
     # then inherits; the sharding itself is the same for both schemes.
     m.tx = galore_jax.q_galore_adamw(
         m.schedule, rank=16, update_proj_gap=5, scale=0.25, svd=svd,
-        state_bits=state_bits, projection_mask=train_lib.target_mask(m.train),
+        state_bits=state_bits, projection_mask=methods_lib.target_mask(m.train),
         proj_zero_point="official")
   if nudge:
     m.tx = optax.chain(_last_bit(), m.tx)
-  mesh = (train_lib.make_mesh(train_lib.parse_mesh(mesh_text))
+  mesh = (methods_lib.make_mesh(methods_lib.parse_mesh(mesh_text))
           if mesh_text else None)
-  where = train_lib.placement(m, mesh)
-  train, frozen, opt_state = train_lib.init_state(m, where)
+  where = methods_lib.placement(m, mesh)
+  train, frozen, opt_state = methods_lib.init_state(m, where)
   key = jax.random.PRNGKey(0)
   if mesh is not None:
     key = jax.device_put(key, where.replicated)
   corpus = _corpus()
   tokens = data_lib.batch(corpus.train, 0, 8, 32, 0)
-  step = train_lib.compile_step(m, where, train, frozen, opt_state, key,
+  step = methods_lib.compile_step(m, where, train, frozen, opt_state, key,
                                 tokens)
   for i in range(STEPS):
     batch = data_lib.batch(corpus.train, i, 8, 32, 0)
@@ -398,7 +399,7 @@ def _relative(a, b):
 def _initial(method):
   example = "galore" if method == "q_galore_adamw" else method
   args = train_lib.parser().parse_args(["--model", "llama-tiny"])
-  m = train_lib.setup(example, train_lib.build_model(args, 259), args)
+  m = methods_lib.build(example, train_lib.build_model(args, 259), args)
   return jax.tree.map(np.asarray, galore_jax.dequantize_params(m.train)
                       if method == "q_galore" else m.train)
 
@@ -470,7 +471,7 @@ def _update_hlo(svd, make=galore_jax.galore_adamw):
   mesh = _mesh(1, 8)
   params = {"up": jnp.ones((64, 176)), "down": jnp.ones((176, 64))}
   shardings = jax.tree.map(
-      lambda x: NamedSharding(mesh, train_lib.fsdp_spec(x.shape, 8)), params)
+      lambda x: NamedSharding(mesh, methods_lib.fsdp_spec(x.shape, 8)), params)
   tx = make(1e-3, rank=16, svd=svd)
   st = galore_jax.state_sharding(tx, params, shardings)
   update = jax.jit(tx.update, in_shardings=(shardings, st, shardings),
@@ -496,11 +497,11 @@ def test_subspace_iteration_refresh_never_gathers_a_gradient(make):
 
 
 def test_parse_mesh():
-  assert train_lib.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
-  assert train_lib.parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8}
+  assert methods_lib.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+  assert methods_lib.parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8}
   for bad in ("tp=8", "fsdp=8,fsdp=1", "fsdp", "fsdp=0", "fsdp=two"):
     with pytest.raises(ValueError):
-      train_lib.parse_mesh(bad)
+      methods_lib.parse_mesh(bad)
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -628,8 +629,8 @@ def test_two_processes_train_layerwise_like_one(tmp_path):
 
 
 def test_fsdp_spec_splits_the_largest_divisible_axis():
-  assert train_lib.fsdp_spec((64, 176), 8) == P(None, "fsdp")
-  assert train_lib.fsdp_spec((2, 64, 176), 8) == P(None, None, "fsdp")
-  assert train_lib.fsdp_spec((259, 64), 8) == P(None, "fsdp")
-  assert train_lib.fsdp_spec((7,), 8) == P()
-  assert train_lib.fsdp_spec((64, 176), 1) == P()
+  assert methods_lib.fsdp_spec((64, 176), 8) == P(None, "fsdp")
+  assert methods_lib.fsdp_spec((2, 64, 176), 8) == P(None, None, "fsdp")
+  assert methods_lib.fsdp_spec((259, 64), 8) == P(None, "fsdp")
+  assert methods_lib.fsdp_spec((7,), 8) == P()
+  assert methods_lib.fsdp_spec((64, 176), 1) == P()

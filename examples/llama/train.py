@@ -31,13 +31,12 @@ import json
 import math
 import os
 import pathlib
-import re
 import shutil
 import signal
 import sys
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 if __package__ in (None, ""):  # `python examples/llama/train.py`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
@@ -45,28 +44,17 @@ if __package__ in (None, ""):  # `python examples/llama/train.py`
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import galore_jax
-from galore_jax import layerwise as layerwise_lib
-from galore_jax import lora
-from galore_jax import memory
-from galore_jax import q_galore
-from examples.llama import input_pipeline as data_lib
 from examples.llama import hf
+from examples.llama import input_pipeline as data_lib
+from examples.llama import methods as methods_lib
 from examples.llama import models as model_lib
 
-METHODS = ("adamw", "adamw_8bit", "galore", "galore_8bit", "q_galore", "lora",
-           "qlora")
-GALORE_METHODS = ("galore", "galore_8bit", "q_galore")
-# Attention and MLP kernels: what GaLore projects and LoRA adapts.
-TARGET_PARAMS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)/kernel$"
-TARGET_LINEARS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)$"
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # Args that set the shapes of the saved state: a resumed run must match them.
 _STATE_ARGS = ("model", "init_from", "method", "rank", "svd", "on_refresh",
@@ -78,11 +66,6 @@ _STATE_ARGS = ("model", "init_from", "method", "rank", "svd", "on_refresh",
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient norm became NaN or infinite."""
-
-
-def default_lr(method: str, cfg: model_lib.Config) -> float:
-  """The GaLore paper's recipe: its lr for GaLore, 1e-3 for the others."""
-  return cfg.lr if method in GALORE_METHODS else 1e-3
 
 
 # ---------------------------------------------------------------------------
@@ -100,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
   a("--init-from", default=None, metavar="DIR",
     help="a Hugging Face LLaMA checkpoint directory (config.json +"
          " safetensors) to fine-tune; overrides --model")
-  a("--method", default="galore", choices=METHODS)
+  a("--method", default="galore", choices=methods_lib.NAMES)
   a("--compare", default=None, metavar="M1,M2,...",
     help="run several methods one after the other (overrides --method)")
   a("--rank", type=int, default=None,
@@ -228,10 +211,10 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
               " or q_galore")
   if args.compare is not None:
     methods = [m for m in args.compare.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in methods_lib.NAMES]
     if bad or not methods:
       p.error(f"--compare: unknown method(s) {bad or args.compare!r}; known:"
-              f" {', '.join(METHODS)}")
+              f" {', '.join(methods_lib.NAMES)}")
   if args.init_from is not None and not pathlib.Path(args.init_from).is_dir():
     p.error(f"--init-from: {args.init_from} is not a directory")
   given = [f for f in ("coordinator", "num_processes", "process_id")
@@ -248,7 +231,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
     p.error("--distributed needs a --mesh over the devices of every process")
   if args.mesh is not None:
     try:
-      sizes = parse_mesh(args.mesh)
+      sizes = methods_lib.parse_mesh(args.mesh)
     except ValueError as e:
       p.error(f"--mesh: {e}")
     if args.batch_size % sizes["data"]:
@@ -277,179 +260,6 @@ def build_model(args, vocab: int) -> model_lib.Llama:
   return model
 
 
-def target_mask(params: Any) -> Any:
-  """``True`` for the attention and MLP kernels of a params pure dict."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: bool(re.search(TARGET_PARAMS, memory.path_str(p))), params)
-
-
-def _count(tree: Any, mask: Any = None) -> int:
-  leaves = jax.tree.leaves(tree)
-  keep = [True] * len(leaves) if mask is None else jax.tree.leaves(mask)
-  return sum(int(np.prod(x.shape)) for x, k in zip(leaves, keep) if k)
-
-
-@dataclasses.dataclass
-class Method:
-  """A method's pieces: ``train`` is what the optimizer updates (quantized
-  INT8 leaves for q_galore), ``frozen`` the rest of the model's state."""
-  name: str
-  graphdef: Any
-  train: Any
-  frozen: Any
-  tx: optax.GradientTransformation
-  groups: dict[str, int]
-  schedule: Any
-  layerwise: Optional[galore_jax.Layerwise] = None
-
-
-def setup(method: str, model: model_lib.Llama, args) -> Method:
-  """Converts ``model`` for ``method`` and builds its optimizer."""
-  cfg = model.cfg
-  rank = cfg.rank if args.rank is None else args.rank
-  lr = default_lr(method, cfg) if args.lr is None else args.lr
-  warmup = int(args.warmup * args.steps)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, lr, warmup_steps=warmup, decay_steps=args.steps,
-      end_value=lr * args.min_lr_ratio)
-  if method in ("lora", "qlora"):
-    lora.apply(model, rank, alpha=args.lora_alpha, targets=TARGET_LINEARS,
-               quantize_base="nf4" if method == "qlora" else None,
-               trainable=args.lora_trainable or None,
-               rngs=nnx.Rngs(args.seed + 1))
-  graphdef, train, frozen = nnx.split(model, nnx.Param, ...)
-  train, frozen = nnx.to_pure_dict(train), nnx.to_pure_dict(frozen)
-  mask = target_mask(train)
-
-  def make_tx(mask):
-    kw = dict(weight_decay=args.weight_decay)
-    galore_kw = dict(rank=rank, update_proj_gap=args.update_proj_gap,
-                     scale=args.galore_scale, projection_mask=mask, **kw)
-    if method == "adamw_8bit":
-      return galore_jax.adamw_8bit(schedule, **kw)
-    if method == "galore":
-      return galore_jax.galore_adamw(schedule, svd=args.svd,
-                                     on_refresh=args.on_refresh, **galore_kw)
-    if method == "galore_8bit":
-      return galore_jax.galore_adamw_8bit(schedule, svd=args.svd,
-                                          **galore_kw)
-    if method == "q_galore":
-      return galore_jax.q_galore_adamw(schedule, svd=args.svd,
-                                       proj_zero_point=args.zero_point,
-                                       **galore_kw)
-    return optax.adamw(schedule, **kw)  # adamw, and LoRA's adapters
-
-  layerwise = None
-  if args.layerwise:
-    # The blocks' transform runs on one layer's params, the outer one on
-    # the embeddings, final norm and head; clipping and accumulation are
-    # the layerwise step's own.
-    blocks_mask, outer_mask = split_blocks(mask)
-    embed, block, head = model_lib.layerwise_fns(model)
-    tx = make_tx(blocks_mask)
-    layerwise = galore_jax.layerwise_step(
-        embed, block, head, tx, outer_tx=make_tx(outer_mask),
-        max_grad_norm=args.clip or None, clip=args.clip_mode, seed=args.seed)
-  else:
-    tx = make_tx(mask)
-    if args.clip:
-      tx = optax.chain(optax.clip_by_global_norm(args.clip), tx)
-    if args.grad_accum > 1:
-      tx = optax.MultiSteps(tx, args.grad_accum)
-  if method in GALORE_METHODS:
-    groups = {f"{method} (attention + MLP kernels, rank {rank})":
-                  _count(train, mask),
-              "adamw (embeddings, norms, head)":
-                  _count(train) - _count(train, mask)}
-  elif method in ("lora", "qlora"):
-    adapters = jax.tree_util.tree_map_with_path(
-        lambda p, _: "lora_" in memory.path_str(p), train)
-    groups = {f"{method} adapters (rank {rank})": _count(train, adapters),
-              f"adamw ({args.lora_trainable or 'none'})":
-                  _count(train) - _count(train, adapters),
-              "frozen": _count(frozen)}
-  else:
-    groups = {f"{method} (all params)": _count(train)}
-  if method == "q_galore" and model.scan_layers:
-    # Stacked kernels quantized layer by layer, so that each scanned (or
-    # layerwise) step dequantizes one layer's codes.
-    blocks, outer = split_blocks(train)
-    blocks_mask, outer_mask = split_blocks(mask)
-    zp = dict(zero_point=args.zero_point)
-    train = join_blocks(
-        layerwise_lib.quantize_blocks(blocks, mask=blocks_mask, **zp),
-        galore_jax.quantize_params(outer, mask=outer_mask, **zp))
-  elif method == "q_galore":
-    train = galore_jax.quantize_params(train, mask=mask,
-                                       zero_point=args.zero_point)
-  return Method(method, graphdef, train, frozen, tx, groups, schedule,
-                layerwise)
-
-
-def split_blocks(tree: dict) -> tuple[Any, dict]:
-  """``(tree["layers"], the rest)``: the stacked blocks and the outer
-  params of a (scanned) Llama's params or of a tree like them."""
-  return tree["layers"], {k: v for k, v in tree.items() if k != "layers"}
-
-
-def join_blocks(blocks: Any, outer: dict) -> dict:
-  return {**outer, "layers": blocks}
-
-
-def make_step(m: Method):
-  """The train step ``(train, frozen, opt_state, key, tokens) -> (train,
-  opt_state, key, metrics)``, and the eval loss ``(train, frozen,
-  tokens_NxBxT) -> loss``."""
-  if m.layerwise is not None:
-    return _layerwise_step(m)
-  quantized = m.name == "q_galore"
-
-  def loss(params, frozen, tokens_BxT):
-    return model_lib.loss_fn(nnx.merge(m.graphdef, params, frozen), tokens_BxT)
-
-  # INT8 weights stay quantized into the model, which dequantizes each block
-  # where it runs it; their gradients are w.r.t. the dequantized weights.
-  grad_fn = (q_galore.value_and_grad if quantized
-             else jax.value_and_grad)(loss)
-
-  def step(train, frozen, opt_state, key, tokens_BxT):
-    value, grads = grad_fn(train, frozen, tokens_BxT)
-    params = galore_jax.dequantize_params(train) if quantized else train
-    updates, opt_state = m.tx.update(grads, opt_state, params)
-    key, sub = jax.random.split(key)
-    if quantized:
-      train = galore_jax.apply_updates_stochastic(train, updates, sub)
-    else:
-      train = optax.apply_updates(train, updates)
-    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads)}
-    return train, opt_state, key, metrics
-
-  def eval_loss(train, frozen, tokens_NxBxT):
-    losses = jax.lax.map(lambda t: loss(train, frozen, t), tokens_NxBxT)
-    return losses.mean()
-
-  return step, eval_loss
-
-
-def _layerwise_step(m: Method):
-  """:func:`make_step` for ``--layerwise``: ``tokens`` are ``(K, B, T)``,
-  the K micro-batches of one optimizer step; ``frozen`` is empty."""
-
-  def step(train, frozen, opt_state, key, tokens_KxBxT):
-    del frozen
-    blocks, outer = split_blocks(train)
-    outer, blocks, opt_state, metrics = m.layerwise.step(
-        outer, blocks, opt_state, tokens_KxBxT)
-    return join_blocks(blocks, outer), opt_state, key, metrics
-
-  def eval_loss(train, frozen, tokens_NxBxT):
-    del frozen
-    blocks, outer = split_blocks(train)
-    return m.layerwise.loss(outer, blocks, tokens_NxBxT)
-
-  return step, eval_loss
-
-
 def memory_figures(compiled) -> dict[str, int]:
   """XLA's memory analysis of a compiled step (bytes)."""
   ma = compiled.memory_analysis()
@@ -462,156 +272,6 @@ def memory_figures(compiled) -> dict[str, int]:
 def device_peak_bytes() -> Optional[int]:
   stats = jax.local_devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use")
-
-
-# ---------------------------------------------------------------------------
-# Sharding over a device mesh.
-
-MESH_AXES = ("data", "fsdp")
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (a missing axis: 1)."""
-  sizes = {}
-  for part in text.split(","):
-    name, eq, value = part.partition("=")
-    name = name.strip()
-    if not eq or name not in MESH_AXES or name in sizes:
-      raise ValueError(f"expected axes from {MESH_AXES} as name=size, each"
-                       f" once, got {text!r}")
-    if not value.strip().isdigit() or int(value) < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
-    sizes[name] = int(value)
-  return {a: sizes.get(a, 1) for a in MESH_AXES}
-
-
-def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
-  n = math.prod(sizes.values())
-  if n != jax.device_count():
-    raise ValueError(
-        f"--mesh {sizes} needs {n} devices, there are"
-        f" {jax.device_count()} ({jax.devices()[0].platform}); on CPU set"
-        f" XLA_FLAGS=--xla_force_host_platform_device_count={n}")
-  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
-def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
-  """Splits the largest axis that ``n`` divides over "fsdp" (the first of
-  equals); arrays with none stay replicated."""
-  axes = [i for i, d in enumerate(shape) if d % n == 0 and d >= n]
-  if n == 1 or not axes:
-    return P()
-  best = max(axes, key=lambda i: (shape[i], -i))
-  return P(*([None] * best + ["fsdp"]))
-
-
-def param_shardings(tree: Any, mesh: jax.sharding.Mesh,
-                    stacked: bool = False) -> Any:
-  """FSDP shardings for every array of ``tree`` (params, frozen, codes);
-  ``stacked``: every array has a leading layer axis, never split."""
-  n = mesh.shape["fsdp"]
-  if stacked:
-    spec = lambda shape: P(None, *fsdp_spec(shape[1:], n))
-  else:
-    spec = lambda shape: fsdp_spec(shape, n)
-  return jax.tree.map(lambda x: NamedSharding(mesh, spec(np.shape(x))), tree)
-
-
-def _train_shardings(m: "Method", tree: Any, mesh) -> Any:
-  """:func:`param_shardings`, the layerwise step's blocks unsplit along
-  their layer axis."""
-  if m.layerwise is None:
-    return param_shardings(tree, mesh)
-  blocks, outer = split_blocks(tree)
-  return join_blocks(param_shardings(blocks, mesh, stacked=True),
-                     param_shardings(outer, mesh))
-
-
-def to_mesh(tree: Any, shardings: Any) -> Any:
-  """``tree`` placed by ``shardings``. With several processes each one
-  holds the same values and writes only its own devices' shards."""
-  if jax.process_count() == 1:
-    return jax.device_put(tree, shardings)
-
-  def put(x, sharding):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
-
-  return jax.tree.map(put, tree, shardings)
-
-
-@dataclasses.dataclass
-class Placement:
-  """Where a run's arrays live on the mesh (``None``: one device)."""
-  train: Any = None
-  frozen: Any = None
-  opt_state: Any = None
-  replicated: Any = None
-  tokens: Any = None
-
-
-def placement(m: "Method", mesh: Optional[jax.sharding.Mesh]) -> Placement:
-  """Shardings of a method's train params, frozen params, optimizer state
-  (:func:`galore_jax.state_sharding`), key and token batches."""
-  if mesh is None:
-    return Placement()
-  init_params = init_view(m)
-  if m.layerwise is not None:
-    blocks, outer = split_blocks(m.train)
-    float_blocks, float_outer = split_blocks(
-        _train_shardings(m, init_params, mesh))
-    opt_state = m.layerwise.state_sharding(outer, blocks, float_outer,
-                                           float_blocks)
-  else:
-    opt_state = galore_jax.state_sharding(
-        m.tx, init_params, param_shardings(init_params, mesh))
-  return Placement(
-      train=_train_shardings(m, m.train, mesh),
-      frozen=param_shardings(m.frozen, mesh),
-      opt_state=opt_state,
-      replicated=NamedSharding(mesh, P()),
-      tokens=NamedSharding(mesh, P("data") if m.layerwise is None
-                           else P(None, "data")))
-
-
-def init_view(m: "Method") -> Any:
-  """What ``m.tx.init`` takes: float params (dequantized for q_galore)."""
-  if m.name == "q_galore":
-    return jax.eval_shape(galore_jax.dequantize_params, m.train)
-  return m.train
-
-
-def init_state(m: "Method", where: Placement):
-  """Train and frozen params placed on the mesh, and the optimizer state
-  created there by a jitted ``init`` (never whole on one device)."""
-  if m.layerwise is not None:
-    init = lambda t: m.layerwise.init(*split_blocks(t)[::-1])
-  elif m.name == "q_galore":
-    init = lambda t: m.tx.init(galore_jax.dequantize_params(t))
-  else:
-    init = m.tx.init
-  if where.train is None:
-    return m.train, m.frozen, init(m.train)
-  train = to_mesh(m.train, where.train)
-  frozen = to_mesh(m.frozen, where.frozen)
-  opt_state = jax.jit(init, out_shardings=where.opt_state)(train)
-  return train, frozen, opt_state
-
-
-def compile_step(m: "Method", where: Placement, train, frozen, opt_state,
-                 key, tokens):
-  """The train step compiled ahead of time, params, state and key donated;
-  on a mesh with explicit in and out shardings."""
-  step_fn, _ = make_step(m)
-  kw = {}
-  if where.train is not None:
-    rep = where.replicated
-    kw = dict(in_shardings=(where.train, where.frozen, where.opt_state, rep,
-                            where.tokens),
-              out_shardings=(where.train, where.opt_state, rep, rep))
-  return jax.jit(step_fn, donate_argnums=(0, 2, 3), **kw).lower(
-      train, frozen, opt_state, key, tokens).compile()
 
 
 # ---------------------------------------------------------------------------
@@ -813,19 +473,20 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
 
   model = build_model(args, corpus.vocab_size)
   n_params = model_lib.count_params(model)
-  m = setup(method, model, args)
+  m = methods_lib.build(method, model, args)
   del model
   _say(f"[{method}] {n_params:,} params; "
        + "; ".join(f"{k}: {v:,}" for k, v in m.groups.items()), flush=True)
-  mesh = None if args.mesh is None else make_mesh(parse_mesh(args.mesh))
-  where = placement(m, mesh)
+  mesh = (None if args.mesh is None
+          else methods_lib.make_mesh(methods_lib.parse_mesh(args.mesh)))
+  where = methods_lib.placement(m, mesh)
   if mesh is not None:
     _say(f"[{method}] mesh {dict(mesh.shape)}: batch over 'data', params"
          " and optimizer state over 'fsdp'", flush=True)
-  train, frozen, opt_state = init_state(m, where)
+  train, frozen, opt_state = methods_lib.init_state(m, where)
   key = jax.random.PRNGKey(args.seed)
   if mesh is not None:
-    key = to_mesh(key, where.replicated)
+    key = methods_lib.to_mesh(key, where.replicated)
   state = {"train": train, "frozen": frozen, "opt_state": opt_state,
            "key": key, "step": np.int64(0), "position": np.int64(0)}
 
@@ -847,40 +508,29 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   position = int(state["position"])
   del state
 
-  _, eval_fn = make_step(m)
-  # The plain step takes one micro-batch (optax.MultiSteps accumulates);
-  # the layerwise step takes all of an optimizer step's micro-batches.
-  micro_calls = 1 if m.layerwise is not None else args.grad_accum
-  window = (args.batch_size, args.seq_len + 1)
-  if m.layerwise is not None:
-    window = (args.grad_accum,) + window
-  tokens = jnp.zeros(window, jnp.int32)
+  tokens = jnp.zeros(m.batch_shape(args.batch_size, args.seq_len), jnp.int32)
   t0 = time.perf_counter()
-  step = compile_step(m, where, train, frozen, opt_state, key, tokens)
+  step = methods_lib.compile_step(m, where, train, frozen, opt_state, key,
+                                  tokens)
   compile_s = time.perf_counter() - t0
   put = ((lambda b: b) if mesh is None
-         else (lambda b: to_mesh(b, where.tokens)))
+         else (lambda b: methods_lib.to_mesh(b, where.tokens)))
 
   def next_batch():
     nonlocal position
-    if m.layerwise is None:
-      position += 1
-      return data_lib.batch(corpus.train, position - 1, args.batch_size,
-                            args.seq_len, args.seed)
-    position += args.grad_accum
-    return np.stack([data_lib.batch(corpus.train, p, args.batch_size,
-                                    args.seq_len, args.seed)
-                     for p in range(position - args.grad_accum, position)])
+    tokens, position = m.batch(corpus.train, position, args)
+    return tokens
 
   memory = memory_figures(step)
   _say(f"[{method}] train step compiled in {compile_s:.1f} s; XLA memory:"
        f" {memory['total'] / 2**20:,.1f} MiB (args {memory['argument']:,},"
        f" temp {memory['temp']:,} bytes)", flush=True)
-  evaluate = jax.jit(eval_fn)
+  evaluate = jax.jit(m.eval_loss)
   val_tokens = data_lib.eval_batches(
       corpus.val, args.eval_batches, args.batch_size, args.seq_len)
-  val_tokens = (jnp.asarray(val_tokens) if mesh is None else to_mesh(
-      val_tokens, NamedSharding(mesh, P(None, "data"))))
+  val_tokens = (jnp.asarray(val_tokens) if mesh is None else
+                methods_lib.to_mesh(val_tokens,
+                                    NamedSharding(mesh, P(None, "data"))))
   tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
 
   metrics_file = open(out / "metrics.jsonl" if _lead() else os.devnull, "a",
@@ -924,7 +574,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
     with _Interrupt() as interrupt:
       for s in range(start, args.steps):
         micro = []
-        for _ in range(micro_calls):
+        for _ in range(m.calls_per_step):
           train, opt_state, key, mt = step(train, frozen, opt_state, key,
                                            put(next_batch()))
           micro.append(mt)
