@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from examples.llama import checkpointing
 from examples.llama import input_pipeline as data_lib
 from examples.llama import train as train_lib
 
@@ -36,7 +37,7 @@ def _snapshot(out, method="galore"):
 
 
 def _restored(out, step, method="galore"):
-  mngr = train_lib._manager(pathlib.Path(out) / method / "ckpt")
+  mngr = checkpointing.manager(pathlib.Path(out) / method / "ckpt")
   return mngr.restore(step)
 
 
@@ -185,7 +186,7 @@ def test_second_ctrl_c_during_a_save_keeps_the_older_checkpoints(
   """The first Ctrl-C asks for a save; the second aborts it midway: the
   partial step is not a checkpoint, the older one resumes."""
   out = tmp_path / "run"
-  original = train_lib._save
+  original = checkpointing.save
 
   def aborted_save(mngr, step, tree):
     if step == 3:
@@ -194,7 +195,7 @@ def test_second_ctrl_c_during_a_save_keeps_the_older_checkpoints(
 
   with monkeypatch.context() as mp:
     _signals_at(mp, at_call=3, count=1)
-    mp.setattr(train_lib, "_save", aborted_save)
+    mp.setattr(checkpointing, "save", aborted_save)
     with pytest.raises(KeyboardInterrupt):
       train_lib.main(_args(out))
   assert _steps(out) == [2]
@@ -205,7 +206,7 @@ def test_second_ctrl_c_during_a_save_keeps_the_older_checkpoints(
 def test_ctrl_c_during_a_save_completes_that_save(finished, tmp_path,
                                                   monkeypatch):
   out = tmp_path / "run"
-  original = train_lib._save
+  original = checkpointing.save
 
   def interrupted_save(mngr, step, tree):
     if step == 2:
@@ -213,7 +214,7 @@ def test_ctrl_c_during_a_save_completes_that_save(finished, tmp_path,
     original(mngr, step, tree)
 
   with monkeypatch.context() as mp:
-    mp.setattr(train_lib, "_save", interrupted_save)
+    mp.setattr(checkpointing, "save", interrupted_save)
     # Step 2's save completes; the Ctrl-C is acted on after step 3, which
     # is saved too.
     assert train_lib.main(_args(out)) == 130

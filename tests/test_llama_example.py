@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
+from examples.llama import checkpointing
 from examples.llama import input_pipeline as data_lib
 from examples.llama import hf
 from examples.llama import models as model_lib
@@ -288,7 +289,7 @@ def _metrics(out, method):
 
 
 def _restore(out, method, step=None):
-  mngr = train_lib._manager(pathlib.Path(out) / method / "ckpt")
+  mngr = checkpointing.manager(pathlib.Path(out) / method / "ckpt")
   return mngr.restore(mngr.latest_step() if step is None else step)
 
 

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import signal
 import sys
 import threading
@@ -44,12 +43,12 @@ if __package__ in (None, ""):  # `python examples/llama/train.py`
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from examples.llama import checkpointing
 from examples.llama import hf
 from examples.llama import input_pipeline as data_lib
 from examples.llama import methods as methods_lib
@@ -275,111 +274,6 @@ def device_peak_bytes() -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints.
-
-
-def _manager(directory: pathlib.Path):
-  return ocp.CheckpointManager(
-      directory.resolve(), options=ocp.CheckpointManagerOptions(
-          max_to_keep=2, create=True, enable_async_checkpointing=False))
-
-
-def _save(mngr, step: int, tree: dict) -> None:
-  mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
-  mngr.wait_until_finished()
-
-
-@jax.jit
-def all_finite(*trees) -> jax.Array:
-  """Whether every float leaf of ``trees`` is finite (one device scalar)."""
-  leaves = [x for x in jax.tree.leaves(trees)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
-def _check_run_dir(out: pathlib.Path, ckpt_dir: pathlib.Path,
-                   resume: bool) -> None:
-  """Refuses a run that would delete or build on checkpoints it cannot
-  vouch for: a fresh run over a directory holding checkpoints, or a
-  --resume whose directory has checkpoints but no args.json record."""
-  steps = (sorted(int(p.name) for p in ckpt_dir.iterdir()
-                  if p.name.isdigit()) if ckpt_dir.is_dir() else [])
-  if not steps:
-    return
-  steps = [str(s) for s in steps]
-  if not resume:
-    raise ValueError(
-        f"{out} already holds checkpoints (steps {', '.join(steps)}): pass"
-        " --resume to continue that run, or another --out; nothing was"
-        " deleted")
-  if not (out / "args.json").is_file():
-    raise ValueError(
-        f"--resume: {ckpt_dir} holds checkpoints (steps {', '.join(steps)})"
-        f" but {out / 'args.json'}, the record of the settings that wrote"
-        " them, is missing: restore it (or copy the whole run directory);"
-        " nothing was deleted")
-
-
-def _resume_step(mngr, ckpt_dir: pathlib.Path, wanted: Optional[int]) -> int:
-  steps = sorted(mngr.all_steps())
-  if wanted is None:
-    return steps[-1]
-  if wanted not in steps:
-    raise ValueError(f"--resume-step {wanted}: {ckpt_dir} has steps"
-                     f" {steps}")
-  return wanted
-
-
-def _restore_checked(mngr, ckpt_dir: pathlib.Path, step: int,
-                     like: dict) -> dict:
-  """:func:`_restore`, with a clear error for a corrupt or partial
-  checkpoint that names the newest older one that restores."""
-  try:
-    return _restore(mngr, step, like)
-  except Exception as e:  # pylint: disable=broad-except
-    older = [s for s in sorted(mngr.all_steps(), reverse=True) if s < step]
-    intact = None
-    for s in older:
-      try:
-        _restore(mngr, s, like)
-        intact = s
-        break
-      except Exception:  # pylint: disable=broad-except
-        continue
-    hint = ("no older checkpoint restores either" if intact is None else
-            f"the newest intact checkpoint is step {intact}: resume from it"
-            f" with --resume --resume-step {intact}")
-    raise ValueError(
-        f"--resume: checkpoint step {step} in {ckpt_dir} is corrupt,"
-        f" partial or was written by other settings"
-        f" ({type(e).__name__}: {str(e).splitlines()[0][:160]}); {hint}."
-        " Nothing was deleted") from None
-
-
-def _set_aside_newer(mngr, out: pathlib.Path, start: int) -> None:
-  """Moves checkpoints newer than ``start`` (when resuming from an older
-  one) to ``out/ckpt-set-aside/``, so the run can save those steps again
-  and nothing is deleted."""
-  newer = [s for s in mngr.all_steps() if s > start]
-  if not newer or not _lead():
-    return
-  aside = out / "ckpt-set-aside"
-  aside.mkdir(exist_ok=True)
-  for s in newer:
-    shutil.move(str(out / "ckpt" / str(s)), str(aside / str(s)))
-  mngr.reload()
-  _say(f"moved checkpoints {newer} to {aside}", file=sys.stderr, flush=True)
-
-
-def _restore(mngr, step: int, like: dict) -> dict:
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                     sharding=getattr(x, "sharding", None)),
-      like)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-
-
-# ---------------------------------------------------------------------------
 # One run.
 
 
@@ -454,21 +348,12 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   ckpt_dir = out / "ckpt"
   run_args = {k: getattr(args, k) for k in _STATE_ARGS}
   run_args["method"] = method
-  _check_run_dir(out, ckpt_dir, args.resume)
-  fresh = not (args.resume and (out / "args.json").is_file())
+  checkpointing.check_run_dir(out, args.resume)
+  fresh = not (args.resume and checkpointing.has_record(out))
   if not fresh:
-    saved = json.loads((out / "args.json").read_text())
-    diff = {k: (saved.get(k), v) for k, v in run_args.items()
-            if saved.get(k) != v}
-    if diff:
-      raise ValueError(f"--resume: these settings differ from the saved run"
-                       f" in {out} (saved, now): {diff}")
+    checkpointing.check_settings(out, run_args, _STATE_ARGS)
   if _lead():
-    if fresh:  # a fresh run replaces the old run's records (no checkpoints)
-      for name in ("metrics.jsonl", "result.json", "args.json"):
-        (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(run_args, indent=1))
+    checkpointing.write_record(out, run_args, fresh)
   _barrier(f"{method}: output directory ready")
 
   model = build_model(args, corpus.vocab_size)
@@ -490,15 +375,16 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   state = {"train": train, "frozen": frozen, "opt_state": opt_state,
            "key": key, "step": np.int64(0), "position": np.int64(0)}
 
-  mngr = _manager(ckpt_dir)
+  mngr = checkpointing.manager(ckpt_dir)
   start = 0
   if args.resume and mngr.latest_step() is not None:
-    start = _resume_step(mngr, ckpt_dir, args.resume_step)
-    state = _restore_checked(mngr, ckpt_dir, start, state)
-    if int(state["step"]) != start:
-      raise ValueError(f"checkpoint {start} in {ckpt_dir} holds step"
-                       f" {int(state['step'])}")
-    _set_aside_newer(mngr, out, start)
+    start, state = checkpointing.restore_for_resume(mngr, ckpt_dir, state,
+                                                    args.resume_step)
+    if _lead():
+      moved, aside = checkpointing.set_aside_newer(mngr, out, start)
+      if moved:
+        _say(f"moved checkpoints {moved} to {aside}", file=sys.stderr,
+             flush=True)
     _say(f"[{method}] resumed from step {start} ({ckpt_dir})", flush=True)
   elif args.resume:
     _say(f"[{method}] --resume: no checkpoint in {ckpt_dir}; starting fresh",
@@ -560,13 +446,13 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
 
   def save(s):
     # Only what is finite is saved: a checkpoint is a state to go back to.
-    if not bool(all_finite(train, opt_state)):
+    if not bool(checkpointing.all_finite(train, opt_state)):
       raise NonFiniteLossError(
           f"[{method}] the params or optimizer state became non-finite by"
           f" step {s}: not saved. {last_good()}; lower --lr or set --clip")
-    _save(mngr, s, {"train": train, "frozen": frozen, "opt_state": opt_state,
-                    "key": key, "step": np.int64(s),
-                    "position": np.int64(position)})
+    checkpointing.save(mngr, s, {
+        "train": train, "frozen": frozen, "opt_state": opt_state, "key": key,
+        "step": np.int64(s), "position": np.int64(position)})
 
   status = "done"
   seg_start, seg_tokens = time.perf_counter(), 0
