@@ -31,6 +31,7 @@ import optax
 from galore_jax import _inplace
 from galore_jax import _pytrees
 from galore_jax import _validation
+from galore_jax import layout
 from galore_jax import quantization
 
 
@@ -60,6 +61,31 @@ class ScaleByAdam8bitState(NamedTuple):
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
+
+  def layout(self, views, recurse):
+    """Where each array lies along its param's axes (see
+    :mod:`galore_jax.layout`): ``mu`` and ``nu`` are trees like the params;
+    a float moment is laid out as its param, 8-bit codes as blocks of it."""
+    del recurse
+    moment = lambda path, x: _moment_layout(views.get(path), x)
+    is_codes = lambda x: isinstance(x, BlockwiseCodes)
+    return ScaleByAdam8bitState(
+        count=layout.replicated(np.shape(self.count)),
+        mu=layout.by_path(self.mu, moment, is_leaf=is_codes),
+        nu=layout.by_path(self.nu, moment, is_leaf=is_codes))
+
+
+def _moment_layout(view, x):
+  if isinstance(x, BlockwiseCodes):
+    codes = tuple(np.shape(x.codes))
+    if view is None:
+      return jax.tree.map(lambda a: layout.replicated(np.shape(a)), x)
+    return BlockwiseCodes(codes=layout.Blocks(view, codes, "codes"),
+                          absmax=layout.Blocks(view, codes, "absmax"))
+  shape = tuple(np.shape(x))
+  if view is not None and layout.matches(view, shape):
+    return view.derive(shape, view.axes)
+  return layout.replicated(shape)
 
 
 # Elements updated at once per 8-bit leaf: bounds the step's temporaries.

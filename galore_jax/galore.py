@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
 from galore_jax import _validation
 from galore_jax import adam_8bit
+from galore_jax import layout
 from galore_jax import projection
 
 Rank = int | Callable[[tuple, Any], Optional[int]]
@@ -32,6 +36,65 @@ class GaLoreState(NamedTuple):
   count: jax.Array
   projector: optax.Params
   base_state: optax.OptState
+
+  def layout(self, views, recurse):
+    """Where each array lies along its param's axes (see
+    :mod:`galore_jax.layout`): a ``row`` projector ``batch + (r, in)``
+    follows ``in``, a ``col`` one ``batch + (out, r)`` follows ``out``; the
+    base state is laid out along the low-rank gradients it was made for."""
+    return subspace_layout(self, views, recurse, projection.Projectors,
+                           _projectors_layout)
+
+
+def subspace_layout(state, views: dict, recurse, entry_type: type,
+                    entry_layout):
+  """The layout of a ``(count, projector, base_state)`` state.
+
+  ``entry_layout(view, entry) -> (entry layout, low-rank view)`` lays out
+  one projected leaf's projector entry (an ``entry_type``) given its param's
+  view, and gives the view of the low-rank gradient its base optimizer saw
+  in the param's place; ``base_state`` is laid out along those
+  (:func:`layout.low_rank`).
+  """
+  low = dict(views)
+
+  def entry(path, x):
+    if isinstance(x, optax.MaskedNode):
+      return x
+    out, low[path] = entry_layout(views.get(path), x)
+    return out
+
+  projector = layout.by_path(
+      state.projector, entry,
+      is_leaf=lambda x: isinstance(x, (entry_type, optax.MaskedNode)))
+  return type(state)(
+      count=layout.replicated(np.shape(state.count)),
+      projector=projector,
+      base_state=recurse(state.base_state, low))
+
+
+def _projectors_layout(view, proj):
+  """GaLore's :class:`~galore_jax.projection.Projectors` of one leaf, with
+  the view of its low-rank gradient. A leaf whose matrix view is not its
+  last two axes (custom ``dim_numbers`` that move or merge axes) has
+  projectors of other shapes: they, and its moments, are replicated."""
+  replicate = lambda: (jax.tree.map(
+      lambda x: layout.replicated(np.shape(x)), proj), None)
+  if view is None or not isinstance(proj, projection.Projectors) or (
+      len(view.shape) < 2):
+    return replicate()
+  *batch, rows, cols = view.shape
+  row, col = (not isinstance(x, optax.MaskedNode) for x in proj)
+  r_row = np.shape(proj.row)[-2] if row else None
+  r_col = np.shape(proj.col)[-1] if col else None
+  if (row and np.shape(proj.row) != (*batch, r_row, rows)) or (
+      col and np.shape(proj.col) != (*batch, cols, r_col)):
+    return replicate()
+  side = lambda name, on: (
+      layout.projector(view, name, np.shape(getattr(proj, name))) if on
+      else optax.MaskedNode())
+  return (projection.Projectors(row=side("row", row), col=side("col", col)),
+          layout.low_rank(view, row, col, r_row or r_col))
 
 
 def _check_projector_dtype(projector_dtype):
@@ -560,19 +623,60 @@ def scale_by_adam_hf(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _galore_chain(
-    learning_rate, base, weight_decay, mask, galore_kwargs
-) -> optax.GradientTransformation:
-  """scale_by_galore(base) -> decoupled weight decay (full space) -> -lr."""
+def forwards_options(transform: Callable[..., Any],
+                     exclude: tuple[str, ...] = ("mask",)):
+  """Makes an alias take every keyword-only option of ``transform``.
+
+  The options are read once, from ``transform``'s signature (its projection
+  and refresh settings: ``dim_numbers``, ``svd``, ``stagger``,
+  ``on_refresh``, ...), appended to the alias's own signature as
+  keyword-only arguments with ``transform``'s defaults, and handed to the
+  alias as one dict, ``options``, to pass on. A new option of ``transform``
+  so reaches every alias, and ``inspect.signature`` (hence
+  ``optax.inject_hyperparams`` and the API reference) shows all of them.
+  Options the alias names itself (and ``exclude``) are left to the alias.
+  """
+  shared = [p for p in inspect.signature(transform).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            and p.name not in exclude]
+
+  def wrap(alias):
+    own = [p for p in inspect.signature(alias).parameters.values()
+           if p.name != "options"]
+    names = {p.name for p in own}
+    extra = [p for p in shared if p.name not in names]
+    signature = inspect.Signature(own + extra)
+
+    @functools.wraps(alias)
+    def wrapped(*args, **kwargs):
+      try:
+        bound = signature.bind(*args, **kwargs)
+      except TypeError as e:
+        raise TypeError(f"{alias.__name__}(): {e}") from None
+      bound.apply_defaults()
+      arguments = dict(bound.arguments)
+      options = {p.name: arguments.pop(p.name) for p in extra}
+      return alias(**arguments, options=options)
+
+    wrapped.__signature__ = signature
+    return wrapped
+
+  return wrap
+
+
+def _with_decay(learning_rate, weight_decay, mask,
+                tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` -> decoupled weight decay (full space, ``mask``) -> ``-lr``."""
   _validation.learning_rate(learning_rate)
   _validation.concrete_number("weight_decay", weight_decay, low=0)
   return optax.chain(
-      scale_by_galore(base=base, **galore_kwargs),
+      tx,
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 
 
+@forwards_options(scale_by_galore)
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     rank: Rank = 128,
@@ -587,17 +691,10 @@ def galore_adamw(
     mask: Any = None,
     *,
     projection_mask: Any = None,
-    dim_numbers: Any = None,
-    projector_dtype: Any = None,
     mu_dtype: Any = None,
     nesterov: bool = False,
     hf_eps: bool = False,
-    svd: str = "exact",
-    power_iters: Optional[int] = None,
-    oversample: int = 8,
-    seed: int = 0,
-    stagger: bool = False,
-    on_refresh: str = "keep",
+    options: dict,
 ) -> optax.GradientTransformation:
   r"""AdamW with its moments in GaLore's low-rank subspace.
 
@@ -622,7 +719,8 @@ def galore_adamw(
     mask: weight-decay mask (``optax.adamw``'s convention).
     projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
     dim_numbers, projector_dtype, svd, power_iters, oversample, seed,
-      stagger, on_refresh: see :func:`scale_by_galore`.
+      stagger, on_refresh: keyword-only, every option of
+      :func:`scale_by_galore` but ``base`` and ``mask``.
     hf_eps: use the HF/official eps placement (:func:`scale_by_adam_hf`);
       then ``eps_root`` and ``nesterov`` must keep their defaults.
 
@@ -660,15 +758,12 @@ def galore_adamw(
         f" `nesterov`; got eps_root={eps_root!r}, nesterov={nesterov!r}")
   else:
     base = scale_by_adam_hf(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
-  return _galore_chain(
-      learning_rate, base, weight_decay, mask,
-      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
-           oversample=oversample, seed=seed, stagger=stagger,
-           on_refresh=on_refresh))
+  return _with_decay(learning_rate, weight_decay, mask, scale_by_galore(
+      rank, update_proj_gap, scale, proj_type, base, mask=projection_mask,
+      **options))
 
 
+@forwards_options(scale_by_galore)
 def galore_adamw_8bit(
     learning_rate: optax.ScalarOrSchedule,
     rank: Rank = 128,
@@ -682,14 +777,9 @@ def galore_adamw_8bit(
     mask: Any = None,
     *,
     projection_mask: Any = None,
-    dim_numbers: Any = None,
-    projector_dtype: Any = None,
-    svd: str = "exact",
-    power_iters: Optional[int] = None,
-    oversample: int = 8,
-    seed: int = 0,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    options: dict,
 ) -> optax.GradientTransformation:
   """:func:`galore_adamw` with blockwise 8-bit moments (the paper's 8-bit GaLore).
 
@@ -702,8 +792,10 @@ def galore_adamw_8bit(
     b1, b2, eps, block_size, min_8bit_size: see
       :func:`~galore_jax.scale_by_adam_8bit`.
     weight_decay, mask: decoupled weight decay and its mask.
-    projection_mask, dim_numbers, projector_dtype, svd, power_iters,
-      oversample, seed: see :func:`scale_by_galore`.
+    projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
+    dim_numbers, projector_dtype, svd, power_iters, oversample, seed,
+      stagger, on_refresh: keyword-only, every option of
+      :func:`scale_by_galore` but ``base`` and ``mask``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -723,14 +815,12 @@ def galore_adamw_8bit(
   """
   base = adam_8bit.scale_by_adam_8bit(
       b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size)
-  return _galore_chain(
-      learning_rate, base, weight_decay, mask,
-      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
-           oversample=oversample, seed=seed))
+  return _with_decay(learning_rate, weight_decay, mask, scale_by_galore(
+      rank, update_proj_gap, scale, proj_type, base, mask=projection_mask,
+      **options))
 
 
+@forwards_options(scale_by_galore)
 def galore_adam(
     learning_rate: optax.ScalarOrSchedule,
     rank: Rank = 128,
@@ -743,17 +833,22 @@ def galore_adam(
     eps_root: float = 0.0,
     *,
     projection_mask: Any = None,
-    dim_numbers: Any = None,
-    projector_dtype: Any = None,
-    svd: str = "exact",
-    power_iters: Optional[int] = None,
-    oversample: int = 8,
-    seed: int = 0,
     mu_dtype: Any = None,
     nesterov: bool = False,
     hf_eps: bool = False,
+    options: dict,
 ) -> optax.GradientTransformation:
   """Adam with its moments in GaLore's subspace; :func:`galore_adamw` without decay.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank, update_proj_gap, scale, proj_type: see :func:`scale_by_galore`.
+    b1, b2, eps, eps_root, mu_dtype, nesterov, hf_eps: see
+      :func:`galore_adamw`.
+    projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
+    dim_numbers, projector_dtype, svd, power_iters, oversample, seed,
+      stagger, on_refresh: keyword-only, every option of
+      :func:`scale_by_galore` but ``base`` and ``mask``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -764,11 +859,10 @@ def galore_adam(
   return galore_adamw(
       learning_rate, rank, update_proj_gap, scale, proj_type, b1, b2, eps,
       eps_root, weight_decay=0.0, projection_mask=projection_mask,
-      dim_numbers=dim_numbers, projector_dtype=projector_dtype, svd=svd,
-      power_iters=power_iters, oversample=oversample, seed=seed,
-      mu_dtype=mu_dtype, nesterov=nesterov, hf_eps=hf_eps)
+      mu_dtype=mu_dtype, nesterov=nesterov, hf_eps=hf_eps, **options)
 
 
+@forwards_options(scale_by_galore)
 def galore_adafactor(
     learning_rate: optax.ScalarOrSchedule,
     rank: Rank = 128,
@@ -784,12 +878,7 @@ def galore_adafactor(
     mask: Any = None,
     *,
     projection_mask: Any = None,
-    dim_numbers: Any = None,
-    projector_dtype: Any = None,
-    svd: str = "exact",
-    power_iters: Optional[int] = None,
-    oversample: int = 8,
-    seed: int = 0,
+    options: dict,
 ) -> optax.GradientTransformation:
   """Adafactor with its factored second moment in GaLore's subspace.
 
@@ -805,8 +894,10 @@ def galore_adafactor(
     clipping_threshold: clip each update to this block RMS (None: off).
     momentum: optional first-moment decay, in the subspace.
     weight_decay, mask: decoupled weight decay and its mask.
-    projection_mask, dim_numbers, projector_dtype, svd, power_iters,
-      oversample, seed: see :func:`scale_by_galore`.
+    projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
+    dim_numbers, projector_dtype, svd, power_iters, oversample, seed,
+      stagger, on_refresh: keyword-only, every option of
+      :func:`scale_by_galore` but ``base`` and ``mask``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -839,14 +930,12 @@ def galore_adafactor(
     parts.append(optax.clip_by_block_rms(clipping_threshold))
   if momentum is not None:
     parts.append(optax.trace(decay=momentum))
-  return _galore_chain(
-      learning_rate, optax.chain(*parts), weight_decay, mask,
-      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
-           oversample=oversample, seed=seed))
+  return _with_decay(learning_rate, weight_decay, mask, scale_by_galore(
+      rank, update_proj_gap, scale, proj_type, optax.chain(*parts),
+      mask=projection_mask, **options))
 
 
+@forwards_options(scale_by_galore)
 def galore_lion(
     learning_rate: optax.ScalarOrSchedule,
     rank: Rank = 128,
@@ -859,15 +948,20 @@ def galore_lion(
     mask: Any = None,
     *,
     projection_mask: Any = None,
-    dim_numbers: Any = None,
-    projector_dtype: Any = None,
-    svd: str = "exact",
-    power_iters: Optional[int] = None,
-    oversample: int = 8,
-    seed: int = 0,
     mu_dtype: Any = None,
+    options: dict,
 ) -> optax.GradientTransformation:
   """Lion with its momentum in GaLore's subspace (``optax.lion``'s defaults).
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank, update_proj_gap, scale, proj_type: see :func:`scale_by_galore`.
+    b1, b2, mu_dtype: see ``optax.scale_by_lion``.
+    weight_decay, mask: decoupled weight decay and its mask.
+    projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
+    dim_numbers, projector_dtype, svd, power_iters, oversample, seed,
+      stagger, on_refresh: keyword-only, every option of
+      :func:`scale_by_galore` but ``base`` and ``mask``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -882,14 +976,12 @@ def galore_lion(
   _validation.concrete_number("b1", b1, low=0, high=1, high_open=True)
   _validation.concrete_number("b2", b2, low=0, high=1, high_open=True)
   base = optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype)
-  return _galore_chain(
-      learning_rate, base, weight_decay, mask,
-      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
-           oversample=oversample, seed=seed))
+  return _with_decay(learning_rate, weight_decay, mask, scale_by_galore(
+      rank, update_proj_gap, scale, proj_type, base, mask=projection_mask,
+      **options))
 
 
+@forwards_options(scale_by_galore)
 def galore_sgd(
     learning_rate: optax.ScalarOrSchedule,
     rank: Rank = 128,
@@ -902,17 +994,22 @@ def galore_sgd(
     mask: Any = None,
     *,
     projection_mask: Any = None,
-    dim_numbers: Any = None,
-    projector_dtype: Any = None,
-    svd: str = "exact",
-    power_iters: Optional[int] = None,
-    oversample: int = 8,
-    seed: int = 0,
+    options: dict,
 ) -> optax.GradientTransformation:
   """SGD (optionally with momentum, kept in GaLore's subspace).
 
   Without momentum the base has no state; the update is the gradient's
   projection onto the subspace, mapped back.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    rank, update_proj_gap, scale, proj_type: see :func:`scale_by_galore`.
+    momentum, nesterov: see ``optax.trace`` (None: no momentum).
+    weight_decay, mask: decoupled weight decay and its mask.
+    projection_mask: which leaves to project (``scale_by_galore``'s ``mask``).
+    dim_numbers, projector_dtype, svd, power_iters, oversample, seed,
+      stagger, on_refresh: keyword-only, every option of
+      :func:`scale_by_galore` but ``base`` and ``mask``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -926,9 +1023,6 @@ def galore_sgd(
     _validation.concrete_number("momentum", momentum, low=0, high=1,
                                 high_open=True)
     base = optax.trace(decay=momentum, nesterov=nesterov)
-  return _galore_chain(
-      learning_rate, base, weight_decay, mask,
-      dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-           proj_type=proj_type, mask=projection_mask, dim_numbers=dim_numbers,
-           projector_dtype=projector_dtype, svd=svd, power_iters=power_iters,
-           oversample=oversample, seed=seed))
+  return _with_decay(learning_rate, weight_decay, mask, scale_by_galore(
+      rank, update_proj_gap, scale, proj_type, base, mask=projection_mask,
+      **options))

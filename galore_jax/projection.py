@@ -49,6 +49,7 @@ import optax
 
 from galore_jax import _pytrees
 from galore_jax import _validation
+from galore_jax.layout import normalize_path
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
@@ -498,20 +499,6 @@ def zero_projectors(spec: LeafSpec, dtype) -> Projectors:
 
 # ---------------------------------------------------------------------------
 # Which leaves are projected, and how: resolved statically from shapes.
-
-
-def normalize_path(path: KeyPath) -> KeyPath:
-  """Drops a trailing ``.value`` key (a Flax NNX ``Variable`` node).
-
-  ``nnx.Optimizer`` hands ``init`` a tree of ``Param`` nodes but ``update``
-  the plain arrays; without this, paths would differ between the two.
-  """
-  path = tuple(path)
-  while path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
-      path[-1].name == "value"
-  ):
-    path = path[:-1]
-  return path
 
 
 def _keystr(path: KeyPath) -> str:

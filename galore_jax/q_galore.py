@@ -35,6 +35,7 @@ from galore_jax import _pytrees
 from galore_jax import _validation
 from galore_jax import adam_8bit
 from galore_jax import galore
+from galore_jax import layout
 from galore_jax import projection
 from galore_jax import quantization
 
@@ -54,6 +55,14 @@ class QGaLoreState(NamedTuple):
   count: jax.Array
   projector: optax.Params
   base_state: optax.OptState
+
+  def layout(self, views, recurse):
+    """Where each array lies along its param's axes (see
+    :mod:`galore_jax.layout`): a stacked leaf's per-layer codes, vector and
+    schedule follow its layer axes; the base state is laid out along the
+    low-rank gradients it was made for."""
+    return galore.subspace_layout(self, views, recurse, QuantizedProjector,
+                                  _projector_layout)
 
 
 class QuantizedProjector(NamedTuple):
@@ -85,6 +94,40 @@ class QuantizedProjector(NamedTuple):
   gap: jax.Array
   queue: jax.Array
   queue_count: jax.Array
+
+  side = None  # "row" or "col": set by the two kinds below
+
+
+class RowQuantizedProjector(QuantizedProjector):
+  """A :class:`QuantizedProjector` of a left (``row``) projector ``(r,
+  rows)``: the low-rank gradient is ``(r, cols)``."""
+  __slots__ = ()
+  side = "row"
+
+
+class ColQuantizedProjector(QuantizedProjector):
+  """A :class:`QuantizedProjector` of a right (``col``) projector ``(cols,
+  r)``: the low-rank gradient is ``(rows, r)``."""
+  __slots__ = ()
+  side = "col"
+
+
+def _kind(spec: projection.LeafSpec) -> type:
+  return RowQuantizedProjector if spec.use_row else ColQuantizedProjector
+
+
+def _projector_layout(view, st):
+  """One leaf's per-layer arrays: the layer axes follow the param's, the
+  rest are replicated (the codes hold the rank axis in their flattened
+  rows; at an eighth of a float32 projector they are the smallest part)."""
+  side = getattr(type(st), "side", None)
+  each = lambda x: (layout.per_layer(view, np.shape(x))
+                    if view is not None and len(view.shape) >= 2
+                    and np.shape(x)[:len(view.shape) - 2] == view.shape[:-2]
+                    else layout.replicated(np.shape(x)))
+  low = (None if side is None or view is None or len(view.shape) < 2
+         else layout.low_rank(view, side == "row", side == "col"))
+  return jax.tree.map(each, st), low
 
 
 def _check_settings(proj_bits, proj_group_size, cos_threshold, gamma_proj,
@@ -325,7 +368,7 @@ def _init_projector(code: _Code, schedule: _Schedule, x, spec):
   groups = quantization.num_groups(math.prod(_layer_shape(spec)),
                                    code.group_size)
   b = spec.batch_shape
-  return QuantizedProjector(
+  return _kind(spec)(
       codes=jnp.zeros(
           b + (quantization.packed_size(groups * code.group_size,
                                         code.bits),), jnp.uint8),
@@ -343,7 +386,15 @@ def _init_projector(code: _Code, schedule: _Schedule, x, spec):
 def _as_state(code: _Code, schedule: _Schedule, entry, spec):
   """The leaf's :class:`QuantizedProjector`, its shapes checked."""
   # nnx.Optimizer may hand back a tuple or a mapping by field name.
-  st = _pytrees.as_record(QuantizedProjector, entry)
+  kind = _kind(spec)
+  if isinstance(entry, QuantizedProjector) and entry.side not in (
+      None, kind.side):
+    raise ValueError(
+        f"Q-GaLore projector state of a {entry.side} projector does not"
+        f" match a leaf of shape {spec.shape}, projected on its {kind.side}"
+        " side: was the state initialised for other params (a transposed"
+        " kernel?) or settings?")
+  st = kind(*_pytrees.as_record(QuantizedProjector, entry))
   expected = jax.eval_shape(
       lambda: _init_projector(code, schedule, None, spec))
   shapes = lambda t: [tuple(getattr(a, "shape", ())) for a in t]
@@ -387,7 +438,7 @@ def _refresh_layer(code: _Code, schedule: _Schedule, find, g, st, count,
                   st.gap)
   q = quantization.quantize_array(mat, code.bits, code.group_size,
                                   zero_point=code.zero_point)
-  return QuantizedProjector(
+  return _kind(spec)(
       codes=q.codes, scales=q.scales, zeros=q.zeros, vector=vector,
       gap=gap, queue=queue, queue_count=queue_count)
 
@@ -448,6 +499,7 @@ def _in_float32(base: optax.GradientTransformation):
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+@galore.forwards_options(scale_by_q_galore)
 def q_galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     rank: galore.Rank = 128,
@@ -465,19 +517,11 @@ def q_galore_adamw(
     state_bits: int = 8,
     mask: Any = None,
     *,
-    proj_zero_point: str = "float",
     projection_mask: Any = None,
-    dim_numbers: Any = None,
-    proj_type: str = "std",
     block_size: int = 256,
     min_8bit_size: int = 4096,
     hf_eps: bool = False,
-    svd: str = "exact",
-    power_iters: Optional[int] = None,
-    oversample: int = 8,
-    seed: int = 0,
-    stagger: bool = False,
-    on_refresh: str = "keep",
+    options: dict,
 ) -> optax.GradientTransformation:
   r"""AdamW in Q-GaLore's quantized, lazily refreshed subspaces.
 
@@ -491,8 +535,7 @@ def q_galore_adamw(
   Args:
     learning_rate: a scalar or an optax schedule.
     rank, update_proj_gap, scale, proj_bits, proj_group_size, cos_threshold,
-      gamma_proj, queue_size, proj_zero_point, dim_numbers, proj_type: see
-      :func:`scale_by_q_galore`.
+      gamma_proj, queue_size: see :func:`scale_by_q_galore`.
     b1, b2, eps: Adam's parameters.
     weight_decay: decoupled weight decay, applied in full space.
     state_bits: 8 (blockwise 8-bit moments, :func:`scale_by_adam_8bit`) or
@@ -503,9 +546,10 @@ def q_galore_adamw(
     block_size, min_8bit_size: see :func:`scale_by_adam_8bit`.
     hf_eps: with ``state_bits=32``, the HF/official GaLore eps placement
       (:func:`~galore_jax.scale_by_adam_hf`).
-    svd, power_iters, oversample, seed, stagger, on_refresh: see
-      :func:`scale_by_q_galore` (``on_refresh`` other than ``"keep"`` needs
-      ``state_bits=32``).
+    dim_numbers, proj_type, proj_zero_point, svd, power_iters, oversample,
+      seed, stagger, on_refresh: keyword-only, every option of
+      :func:`scale_by_q_galore` but ``base`` and ``mask`` (``on_refresh``
+      other than ``"keep"`` needs ``state_bits=32``).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -546,10 +590,7 @@ def q_galore_adamw(
           rank, update_proj_gap, scale, base, proj_bits=proj_bits,
           proj_group_size=proj_group_size, cos_threshold=cos_threshold,
           gamma_proj=gamma_proj, queue_size=queue_size,
-          proj_zero_point=proj_zero_point, mask=projection_mask,
-          dim_numbers=dim_numbers, proj_type=proj_type, svd=svd,
-          power_iters=power_iters, oversample=oversample, seed=seed,
-          stagger=stagger, on_refresh=on_refresh),
+          mask=projection_mask, **options),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

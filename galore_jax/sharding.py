@@ -9,43 +9,31 @@ projected on its rows has a projector ``(r, in)`` and moments ``(r, out)``.
 it follows and never splits a rank axis, whose length ``r`` need not divide
 the mesh.
 
-Every state leaf is matched to its param by path: per-param states mirror the
-params' tree (optax's convention, kept by every transform here), so the
-param's path is a run of keys inside the leaf's path (``[0].base_state.mu``
-then the param's path; ``[0].projector``, the param's path, then ``.row``).
-The longest such param path wins. With ``P`` the param's shape and ``p`` its
-``PartitionSpec`` (``b`` = the specs of its leading batch axes, all but the
-last two), the leaf of shape ``S`` gets:
+Which param axis each state axis follows is declared by the transform that
+owns the state (:mod:`galore_jax.layout`): GaLore's and Q-GaLore's states
+and 8-bit Adam's state say where their projectors, low-rank moments,
+per-layer schedules and blockwise codes lie. From a declared
+:class:`~galore_jax.layout.View`, a state axis takes the spec of the first
+param axis it follows that is split over the mesh and whose devices divide
+it: an FSDP kernel split along ``in`` and projected on its rows still gets
+its ``(r, out)`` moments split along ``out`` (borrowing ``in``'s devices),
+so the state shrinks as 1/devices. A mesh axis is used once per array.
 
-* ``S == P``: ``p`` (Adam moments, ``MultiSteps`` accumulators, ...).
-* a :class:`~galore_jax.Projectors` ``row`` of shape ``P[:-2] + (r, in)``:
-  ``b + (None, p[-2]')``; a ``col`` of shape ``P[:-2] + (out, r)``:
-  ``b + (p[-1]', None)``.
-* ``S`` of ``P``'s rank with ``P``'s batch axes, else (low-rank moments):
-  ``b + (None, p[-1]')`` if ``S[-1] == P[-1]`` (``(r, out)``), else
-  ``b + (p[-2]', None)`` if ``S[-2] == P[-2]`` (``(in, r)``), else
-  ``b + (None, None)`` (``(r, r)``).
+8-bit moments (:class:`~galore_jax.adam_8bit.BlockwiseCodes`, codes
+``(blocks, block_size)``) split over the mesh axes of their param: the
+blocks for a moment laid out as a param split along its leading axis only
+(blocks are runs of its rows); otherwise the codes within each block,
+``absmax`` whole (a low-rank moment's row-major blocks cannot follow a
+column split, and XLA would gather the gradient to match); else whatever
+divides.
 
-  ``p[i]'`` is ``p[i]``, or, when the param is not split along that axis,
-  the spec of its other matrix axis if that divides the state's axis: an
-  FSDP kernel split along ``in`` and projected on its rows still gets its
-  ``(r, out)`` moments split along ``out``, so the state shrinks as 1/devices.
-* ``S`` starting with ``P``'s batch axes and shorter (per-layer state of a
-  stacked leaf: Q-GaLore's codes, gap, queue): ``b`` then ``None``.
-* 8-bit moments (:class:`~galore_jax.adam_8bit.BlockwiseCodes`, codes
-  ``(blocks, block_size)``), over the mesh axes of ``p``: the blocks for a
-  param-shaped moment of a param split along its leading axis (blocks are
-  runs of its rows); otherwise the codes within each block, ``absmax``
-  whole (a low-rank moment's row-major blocks cannot follow a column split,
-  and XLA would gather the gradient to match); else whatever divides.
-* Q-GaLore's INT4 projector codes are replicated along every axis but the
-  stacked-layer ones: they hold the rank axis in their flattened rows, and
-  at an eighth of a float32 projector they are the smallest part.
-* anything else (step counts, hyperparameters, PRNG keys): replicated.
-
-A leaf that matches no rule is replicated: always correct, never a gather
-of anything but itself. Projected leaves with custom ``dim_numbers`` whose
-matrix view merges axes fall under the last rule.
+States that declare nothing (optax's own: ``ScaleByAdamState``,
+``MultiSteps`` accumulators, ...) follow optax's convention that per-param
+states mirror the params' tree: an array at a param's path (the param's
+keys as a run inside the array's path; the longest run wins) with the
+param's shape takes the param's sharding. Everything else (step counts,
+hyperparameters, PRNG keys) is replicated: always correct, never a gather
+of anything but itself.
 """
 
 from __future__ import annotations
@@ -59,16 +47,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from galore_jax import adam_8bit
-from galore_jax import projection
+from galore_jax import layout
 
 __all__ = ("state_sharding",)
 
 _KeyPath = tuple
-
-
-def _is_node(x: Any) -> bool:
-  return isinstance(x, (projection.Projectors, adam_8bit.BlockwiseCodes))
 
 
 def _full_spec(spec: PartitionSpec, ndim: int) -> tuple:
@@ -103,8 +86,8 @@ def _param_table(params: Any, param_shardings: Any):
     elif sh.mesh != mesh:
       raise ValueError("every param sharding must use the same mesh")
     shape = tuple(np.shape(x))
-    table[projection.normalize_path(path)] = (
-        shape, _full_spec(sh.spec, len(shape)), sh)
+    table[layout.normalize_path(path)] = layout.own_view(
+        shape, (shape, _full_spec(sh.spec, len(shape)), sh))
   if mesh is None:
     raise ValueError("`params` has no arrays to take shardings from")
   return table, mesh
@@ -123,89 +106,107 @@ def _owner(path: _KeyPath, table: dict):
   return None if best is None else best[1]
 
 
-def _follow(p: tuple, axis: int, size: int, mesh) -> Any:
-  """The spec of a state axis of ``size`` that keeps param axis ``axis``.
-
-  The param's own entry for that axis; if that is unsharded, the entry of
-  the other matrix axis (the one projected away) when it divides ``size``,
-  so the low-rank state still splits over the devices that split the param.
-  """
-  entry = p[axis]
-  if entry is None:
-    other = p[-1] if axis == -2 else p[-2]
-    n = math.prod(mesh.shape[a] for a in _mesh_axes(other))
-    if other is not None and size % n == 0:
-      entry = other
-  return entry
+def _generic(path: _KeyPath, x: Any, views: dict) -> layout.View:
+  """optax's convention: an array at a param's path with its shape."""
+  shape = tuple(np.shape(x))
+  view = _owner(path, views)
+  if view is not None and layout.matches(view, shape):
+    return view.derive(shape, view.axes)
+  return layout.replicated(shape)
 
 
-def _leaf_spec(shape: tuple, param: tuple, side: str | None, mesh) -> tuple:
-  """Per-axis spec of a state array of ``shape`` that belongs to ``param``."""
-  p_shape, p, _ = param
-  none = (None,) * len(shape)
-  if shape == p_shape:
-    return p
-  nb = len(p_shape) - 2
-  if nb < 0 or shape[:nb] != p_shape[:nb]:
-    return none
-  batch = p[:nb]
-  if side == "row":  # batch + (r, in)
-    if len(shape) == nb + 2 and shape[-1] == p_shape[-2]:
-      return batch + (None, _follow(p, -2, shape[-1], mesh))
-    return none
-  if side == "col":  # batch + (out, r)
-    if len(shape) == nb + 2 and shape[-2] == p_shape[-1]:
-      return batch + (_follow(p, -1, shape[-2], mesh), None)
-    return none
-  if len(shape) == len(p_shape):
-    if shape[-1] == p_shape[-1]:  # (r, out)
-      return batch + (None, _follow(p, -1, shape[-1], mesh))
-    if shape[-2] == p_shape[-2]:  # (in, r)
-      return batch + (_follow(p, -2, shape[-2], mesh), None)
-    return batch + (None, None)  # (r, r)
-  if nb and len(shape) >= nb:  # per-layer state of a stacked leaf
-    return batch + (None,) * (len(shape) - nb)
-  return none
+def _layouts(node: Any, views: dict) -> Any:
+  """A tree like ``node`` of :class:`~galore_jax.layout.View` and
+  :class:`~galore_jax.layout.Blocks`: declared where a state type declares
+  its layout, optax's convention elsewhere."""
+  if layout.declares(node):
+    return node.layout(views, _layouts)
+  return layout.by_path(
+      node, lambda path, x: (_layouts(x, views) if layout.declares(x)
+                             else _generic(path, x, views)),
+      is_leaf=layout.declares)
 
 
-def _block_specs(codes_shape: tuple, param: tuple, mesh) -> tuple:
+def _spec(view: layout.View, mesh) -> tuple:
+  """Per-axis spec of an array laid out as ``view``."""
+  if view.param is None:
+    return (None,) * len(view.shape)
+  _, p, _ = view.param
+  used, out = set(), []
+  for size, follows in zip(view.shape, view.axes):
+    entry = None
+    for axis in follows:
+      candidate = p[axis]
+      axes = _mesh_axes(candidate)
+      n = math.prod(mesh.shape[a] for a in axes)
+      if candidate is not None and size % n == 0 and not used & set(axes):
+        entry = candidate
+        used |= set(axes)
+        break
+    out.append(entry)
+  return tuple(out)
+
+
+def _is_own(view: layout.View) -> bool:
+  """Whether ``view`` is its param's own (the param's sharding applies)."""
+  p_shape = view.param[0]
+  return view.shape == p_shape and view.axes == layout.own_view(
+      p_shape).axes
+
+
+def _block_specs(blocks: layout.Blocks, mesh) -> tuple:
   """Specs of 8-bit ``codes`` ``(blocks, block_size)`` and ``absmax``
   ``(blocks,)`` over the mesh axes of the owning param.
 
-  A param-shaped moment of a param split along its leading axis only: the
-  blocks, contiguous runs of those rows. Otherwise (a low-rank moment, whose
-  row-major blocks cannot follow a split of its columns): the codes within
-  each block, absmax whole, so XLA need not gather the gradient to match.
-  Then the blocks if that is all that divides; else replicated.
+  A moment laid out as its param, the param split along its leading axis
+  only: the blocks, contiguous runs of those rows. Otherwise (a low-rank
+  moment, whose row-major blocks cannot follow a split of its columns): the
+  codes within each block, absmax whole, so XLA need not gather the gradient
+  to match. Then the blocks if that is all that divides; else replicated.
   """
-  p_shape, p, _ = param
+  view = blocks.of
+  none = ((None,) * len(blocks.codes_shape), (None,))
+  if view.param is None or len(blocks.codes_shape) != 2:
+    return none
+  _, p, _ = view.param
   axes = tuple(a for entry in p for a in _mesh_axes(entry))
-  if not axes or len(codes_shape) != 2:
-    return (None,) * len(codes_shape), (None,)
+  if not axes:
+    return none
   size = math.prod(mesh.shape[a] for a in axes)
   entry = axes if len(axes) > 1 else axes[0]
-  blocks, block = codes_shape
-  param_shaped = blocks == -(-math.prod(p_shape) // block)
+  n_blocks, block = blocks.codes_shape
   lead_only = bool(p) and p[0] is not None and all(e is None for e in p[1:])
   by_blocks = ((entry, None), (entry,))
-  if param_shaped and lead_only and blocks % size == 0:
+  if _is_own(view) and lead_only and n_blocks % size == 0:
     return by_blocks
   if block % size == 0:
     return (None, entry), (None,)
-  if blocks % size == 0:
+  if n_blocks % size == 0:
     return by_blocks
   return (None, None), (None,)
+
+
+def _sharding(leaf: Any, mesh) -> NamedSharding:
+  if isinstance(leaf, layout.Blocks):
+    codes, absmax = _block_specs(leaf, mesh)
+    return NamedSharding(mesh, PartitionSpec(
+        *(codes if leaf.part == "codes" else absmax)))
+  if leaf.param is not None and _is_own(leaf):
+    return leaf.param[2]  # param-shaped: the param's own sharding
+  return NamedSharding(mesh, PartitionSpec(*_spec(leaf, mesh)))
 
 
 def state_sharding(tx: optax.GradientTransformation, params: Any,
                    param_shardings: Any, *, state: Any = None) -> Any:
   r"""Shardings for ``tx.init(params)`` that follow the params' shardings.
 
-  See the module docstring for the rules. In short: state arrays shaped like
-  a param take its sharding; GaLore's projectors and low-rank moments take
-  the sharding of the param axis they follow, their rank axis replicated;
-  Q-GaLore's per-layer state follows the stacked-layer axes; 8-bit moments
-  split their blocks over the param's mesh axes; the rest is replicated.
+  See the module docstring for the rules. In short: each state array takes
+  the sharding of the param axes its transform declares it follows
+  (:mod:`galore_jax.layout`): GaLore's projectors and low-rank moments
+  follow the param axis they keep, their rank axis replicated; Q-GaLore's
+  per-layer state follows the stacked-layer axes; 8-bit moments split their
+  blocks over the param's mesh axes; optax's param-shaped states take the
+  param's sharding; the rest is replicated.
 
   Args:
     tx: the optimizer, any ``optax.GradientTransformation`` (chains,
@@ -238,31 +239,5 @@ def state_sharding(tx: optax.GradientTransformation, params: Any,
   """
   table, mesh = _param_table(params, param_shardings)
   abstract = jax.eval_shape(tx.init, params) if state is None else state
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(
-      abstract, is_leaf=_is_node)
-  out = []
-  for path, leaf in with_path:
-    path = projection.normalize_path(path)
-    param = _owner(path, table)
-    if isinstance(leaf, projection.Projectors):
-      out.append(projection.Projectors(*[
-          x if isinstance(x, optax.MaskedNode) else NamedSharding(
-              mesh, PartitionSpec(*(
-                  _leaf_spec(tuple(np.shape(x)), param, side, mesh) if param
-                  else (None,) * np.ndim(x))))
-          for side, x in zip(("row", "col"), leaf)]))
-    elif isinstance(leaf, adam_8bit.BlockwiseCodes):
-      codes = tuple(np.shape(leaf.codes))
-      specs = (_block_specs(codes, param, mesh) if param
-               else ((None,) * len(codes), (None,)))
-      out.append(adam_8bit.BlockwiseCodes(
-          codes=NamedSharding(mesh, PartitionSpec(*specs[0])),
-          absmax=NamedSharding(mesh, PartitionSpec(*specs[1]))))
-    elif param and tuple(np.shape(leaf)) == param[0]:
-      out.append(param[2])  # param-shaped: the param's own sharding
-    else:
-      shape = tuple(np.shape(leaf))
-      spec = (_leaf_spec(shape, param, None, mesh) if param
-              else (None,) * len(shape))
-      out.append(NamedSharding(mesh, PartitionSpec(*spec)))
-  return treedef.unflatten(out)
+  return jax.tree.map(lambda leaf: _sharding(leaf, mesh),
+                      _layouts(abstract, table), is_leaf=layout.is_layout)

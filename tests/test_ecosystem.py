@@ -256,3 +256,48 @@ def test_every_alias_under_inject_hyperparams_names_static_args(name):
       missing = str(e).split("static_args=('")[1].split("'")[0]
       assert missing not in static and len(static) < 10, e
       static.append(missing)
+
+
+GALORE_ALIASES = {
+    "galore_adamw": {}, "galore_adam": {}, "galore_sgd": dict(momentum=0.9),
+    "galore_lion": {}, "galore_adafactor": dict(min_dim_size_to_factor=4),
+    "galore_adamw_8bit": dict(min_8bit_size=64),
+    "q_galore_adamw": dict(proj_group_size=32, min_8bit_size=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GALORE_ALIASES))
+def test_every_alias_takes_every_option_of_its_transform(name):
+  import inspect
+  transform = (galore_jax.scale_by_q_galore if name.startswith("q_")
+               else galore_jax.scale_by_galore)
+  options = {p.name for p in inspect.signature(transform).parameters.values()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY} - {"mask"}
+  alias = inspect.signature(getattr(galore_jax, name)).parameters
+  assert options <= set(alias), options - set(alias)
+  for opt in options:  # with the transform's own default
+    assert alias[opt].default == inspect.signature(
+        transform).parameters[opt].default, opt
+  with pytest.raises(TypeError, match=f"{name}\\(\\).*'colour'"):
+    getattr(galore_jax, name)(1e-2, colour="red")
+
+
+@pytest.mark.parametrize("name", sorted(GALORE_ALIASES))
+def test_stagger_reaches_the_transform_through_every_alias(name):
+  """Two projected leaves, gap 2: staggered, the second refreshes at step 1
+  (its phase), so its projector differs after step 1 from the unstaggered
+  one's, which still holds step 0's."""
+  params = mlp_params()
+  out = {}
+  for stagger in (False, True):
+    opt = getattr(galore_jax, name)(
+        1e-2, rank=4, update_proj_gap=2, stagger=stagger,
+        **GALORE_ALIASES[name])
+    state = opt.init(params)
+    for t in range(2):
+      grads = mlp_params(seed=t + 1)
+      _, state = opt.update(grads, state, params)
+    out[stagger] = state[0].projector["l2"]["kernel"]
+  differ = [bool(jnp.any(a != b)) for a, b in
+            zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True]))]
+  assert any(differ)

@@ -376,3 +376,39 @@ def test_same_sign_gradients_train_with_float_zero_points():
   assert galore < 0.01 * start
   assert faithful < 2 * galore
   assert official > 0.5 * start  # the stall this scheme fixes
+
+
+def test_push_similarity_fills_then_drops_the_oldest():
+  """The FIFO against a deque(maxlen=3), as the official queue."""
+  import collections
+  queue, count = jnp.zeros(3), jnp.zeros([], jnp.int32)
+  want = collections.deque(maxlen=3)
+  for cos in (0.1, -0.2, 0.3, 0.4, 0.5):
+    queue, count = galore_jax.q_galore.push_similarity(queue, count,
+                                                       jnp.float32(cos))
+    want.append(cos)
+    assert int(count) == len(want)
+    np.testing.assert_allclose(queue[:int(count)], list(want), rtol=1e-6)
+  assert count.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("queue,count,gap,want", [
+    ([0.5, 0.5, 0.5], 3, 10, 20),   # full, mean 0.5 >= 0.4: grows
+    ([0.5, 0.5, 0.0], 2, 10, 10),   # not full: stays
+    ([0.4, 0.4, 0.4], 3, 10, 20),   # mean at the threshold grows (>=)
+    ([0.4, 0.4, 0.3], 3, 10, 10),   # below: stays
+    ([0.9, 0.9, 0.9], 3, 100, 114),  # int(100 * 1.15) == 114, not 115
+])
+def test_next_gap_follows_the_official_rule(queue, count, gap, want):
+  gamma = 2.0 if gap == 10 else 1.15
+  seq = galore_jax.q_galore._gap_sequence(gap, gamma)  # pylint: disable=protected-access
+  got = galore_jax.q_galore.next_gap(
+      jnp.int32(gap), jnp.asarray(queue, jnp.float32), jnp.int32(count),
+      0.4, gamma, seq)
+  assert int(got) == want == (int(gap * gamma) if want != gap else gap)
+
+
+def test_cosine_is_signed_and_safe_at_zero():
+  a = jnp.array([1.0, 0.0])
+  assert float(galore_jax.q_galore.cosine(a, -a)) == -1.0
+  assert float(galore_jax.q_galore.cosine(a, jnp.zeros(2))) == 0.0

@@ -634,3 +634,50 @@ def test_fsdp_spec_splits_the_largest_divisible_axis():
   assert methods_lib.fsdp_spec((259, 64), 8) == P(None, "fsdp")
   assert methods_lib.fsdp_spec((7,), 8) == P()
   assert methods_lib.fsdp_spec((64, 176), 1) == P()
+
+
+# Official names on the torch layout (out, in): "right" is the row side of
+# the (in, out) kernel, "left" its column side.
+@pytest.mark.parametrize("proj_type,side", [("right", "row"), ("left", "col")])
+def test_square_kernel_float_moments_follow_the_declared_side(proj_type, side):
+  """A square kernel's (r, n) and (n, r) moments have the same axis lengths
+  apart from the rank: the projector's side, declared by its state type,
+  says which param axis the moment keeps."""
+  mesh = _mesh(1, 8)
+  params = {"w": jnp.ones((32, 32))}
+  shardings = {"w": NamedSharding(mesh, P("fsdp"))}  # split `in`
+  for tx in (galore_jax.galore_adamw(1e-3, rank=RANK, proj_type=proj_type),
+             galore_jax.q_galore_adamw(1e-3, rank=RANK, proj_type=proj_type,
+                                       state_bits=32, proj_group_size=32)):
+    specs = _specs(galore_jax.state_sharding(tx, params, shardings))
+    # row: (r, out) borrows `in`'s devices; col: (in, r) keeps them.
+    want = (None, "fsdp") if side == "row" else ("fsdp", None)
+    assert specs["[0].base_state.mu['w']"] == want, (tx, specs)
+
+
+def test_a_state_for_a_transposed_kernel_is_refused():
+  tx = galore_jax.q_galore_adamw(1e-3, rank=RANK, proj_group_size=32,
+                                 min_8bit_size=1)
+  state = tx.init({"w": jnp.ones((64, 32))})  # projected on its columns
+  with pytest.raises(ValueError, match="transposed"):
+    tx.update({"w": jnp.ones((32, 64))}, state, {"w": jnp.ones((32, 64))})
+
+
+def test_state_types_declare_their_layout():
+  """GaLore's, Q-GaLore's and 8-bit Adam's states say where their arrays
+  lie (galore_jax.layout); state_sharding reads it, not the shapes."""
+  from galore_jax import layout
+  params = {"w": jnp.ones((64, 32))}
+  for tx in (galore_jax.galore_adamw_8bit(1e-3, rank=RANK, min_8bit_size=1),
+             galore_jax.q_galore_adamw(1e-3, rank=RANK, proj_group_size=32,
+                                       min_8bit_size=1)):
+    state = jax.eval_shape(tx.init, params)[0]
+    assert layout.declares(state) and layout.declares(state.base_state)
+    views = {(jax.tree_util.DictKey("w"),):
+             layout.own_view((64, 32), param="w")}
+    got = state.layout(views, lambda sub, v: sub.layout(v, None))
+    lows = jax.tree.leaves(got.base_state.mu, is_leaf=layout.is_layout)
+    # The (64, r) moment of the column-projected w: 8-bit blocks of a view
+    # whose rows follow w's axis 0 (then 1) and whose rank is its own.
+    assert all(isinstance(b, layout.Blocks) and b.of.axes == ((0, 1), ())
+               and b.of.param == "w" for b in lows)
