@@ -29,8 +29,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
-import galore_jax
 from examples.llama import input_pipeline as data_lib
+from examples.llama import main as main_lib
 from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 
@@ -43,27 +43,25 @@ def quality(args) -> list[dict]:
           "--eval-every", str(args.eval_every), "--eval-batches", "16",
           "--save-every", str(args.steps), "--out", args.out,
           "--seed", str(args.seed), "--compare", args.methods, "--no-progress"]
-  if train_lib.main(argv) != 0:
+  if main_lib.main(argv) != 0:
     raise SystemExit("training failed")
-  runs = {name: r for name, _, r in train_lib._runs(pathlib.Path(args.out))}
+  runs = {name: r for name, _, r in
+          train_lib.read_runs(pathlib.Path(args.out))}
   return [runs[m] for m in args.methods.split(",")]
 
 
 def throughput(args, methods: list[str]) -> dict[str, list[float]]:
   """Tokens/s of each block of ``--block`` steps, methods interleaved."""
   corpus = data_lib.load(verbose=False)
-  p = train_lib.parser()
-  opts = p.parse_args(["--model", args.model, "--steps", str(args.steps),
-                       "--batch-size", str(args.batch_size),
-                       "--seq-len", str(args.seq_len)])
+  opts = main_lib.config_from_flags([
+      "--model", args.model, "--steps", str(args.steps),
+      "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)])
   runners = {}
   for method in methods:
     model = train_lib.build_model(opts, corpus.vocab_size)
     m = methods_lib.build(method, model, opts)
     step_fn = m.step
-    init = (galore_jax.dequantize_params(m.train) if method == "q_galore"
-            else m.train)
-    state = [m.train, m.tx.init(init), jax.random.PRNGKey(0)]
+    state = [m.train, m.init(m.train), jax.random.PRNGKey(0)]
     tokens = jnp.zeros((args.batch_size, args.seq_len + 1), jnp.int32)
     step = jax.jit(step_fn, donate_argnums=(0, 2, 3)).lower(
         state[0], m.frozen, state[1], state[2], tokens).compile()

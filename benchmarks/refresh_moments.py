@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from examples.llama import train as train_lib  # pylint: disable=g-import-not-at-top
+from examples.llama import main as main_lib  # pylint: disable=g-import-not-at-top
 
 MODES = ("keep", "reset", "transport")
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
               "--eval-every", str(args.steps), "--eval-batches", "16",
               "--save-every", str(args.steps), "--out", str(out),
               "--no-progress"]
-      if train_lib.main(argv) != 0:
+      if main_lib.main(argv) != 0:
         raise SystemExit(f"{mode} seed {seed} failed")
       records = [json.loads(x) for x in
                  (out / "galore" / "metrics.jsonl").read_text().splitlines()]

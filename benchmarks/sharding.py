@@ -34,7 +34,6 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 import galore_jax  # noqa: E402
 from examples.llama import methods as methods_lib  # noqa: E402
-from examples.llama import train as train_lib  # noqa: E402
 from _llama_stack import kernel_shapes  # noqa: E402
 
 SHAPES = {  # hidden, ffn, layers, the paper's rank

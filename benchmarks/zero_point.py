@@ -33,6 +33,7 @@ from flax import nnx
 import galore_jax
 from examples.llama import input_pipeline as data_lib
 from examples.llama import models as model_lib
+from examples.llama import main as main_lib
 from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 from galore_jax import memory
@@ -43,11 +44,11 @@ SCHEMES = ("float", "official")
 
 def warm_model(args, corpus):
   """The example's llama after ``--warm-steps`` AdamW steps, its params."""
-  opts = train_lib.parser().parse_args(
+  opts = main_lib.config_from_flags(
       ["--model", args.model, "--steps", str(max(args.warm_steps, 1)),
        "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)])
-  m = methods_lib.build("adamw", train_lib.build_model(opts, corpus.vocab_size),
-                      opts)
+  m = methods_lib.build("adamw",
+                        train_lib.build_model(opts, corpus.vocab_size), opts)
   step_fn = m.step
   step = jax.jit(step_fn, donate_argnums=(0, 2, 3))
   train, state, key = m.train, m.tx.init(m.train), jax.random.key(0)
@@ -113,9 +114,9 @@ def train_runs(args):
             "--eval-batches", "16", "--save-every", str(args.steps),
             "--out", str(out), "--seed", "0", "--method", "q_galore",
             "--zero-point", scheme, "--no-progress"]
-    if train_lib.main(argv) != 0:
+    if main_lib.main(argv) != 0:
       raise SystemExit("training failed")
-    (_, _, result), = train_lib._runs(out)
+    (_, _, result), = train_lib.read_runs(out)
     finals[scheme] = result["final_val_loss"]
   return finals
 

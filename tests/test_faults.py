@@ -14,7 +14,7 @@ import pytest
 
 from examples.llama import checkpointing
 from examples.llama import input_pipeline as data_lib
-from examples.llama import train as train_lib
+from examples.llama import main as main_lib
 
 
 def _args(out, *extra, steps=4, method="galore"):
@@ -45,7 +45,7 @@ def _restored(out, step, method="galore"):
 def finished(tmp_path_factory):
   """A 4-step run with checkpoints at steps 2 and 4, and its final loss."""
   out = tmp_path_factory.mktemp("finished")
-  assert train_lib.main(_args(out)) == 0
+  assert main_lib.main(_args(out)) == 0
   result = json.loads((out / "galore" / "result.json").read_text())
   return out, result["final_val_loss"]
 
@@ -59,7 +59,7 @@ def test_a_fresh_run_never_deletes_existing_checkpoints(finished, tmp_path,
                                                         capsys):
   out = _copy_run(finished[0], tmp_path / "run")
   before = _snapshot(out)
-  assert train_lib.main(_args(out)) == 2
+  assert main_lib.main(_args(out)) == 2
   err = capsys.readouterr().err
   assert "already holds checkpoints (steps 2, 4)" in err
   assert "--resume" in err and "nothing was deleted" in err
@@ -71,7 +71,7 @@ def test_resume_without_the_settings_record_refuses(finished, tmp_path,
   out = _copy_run(finished[0], tmp_path / "run")
   (out / "galore" / "args.json").unlink()  # e.g. ckpt/ copied alone
   before = _snapshot(out)
-  assert train_lib.main(_args(out, "--resume", steps=6)) == 2
+  assert main_lib.main(_args(out, "--resume", steps=6)) == 2
   err = capsys.readouterr().err
   assert "args.json" in err and "is missing" in err
   assert _snapshot(out) == before
@@ -80,7 +80,7 @@ def test_resume_without_the_settings_record_refuses(finished, tmp_path,
 def test_changing_a_state_setting_on_resume_is_refused(finished, tmp_path,
                                                        capsys):
   out = _copy_run(finished[0], tmp_path / "run")
-  assert train_lib.main(_args(out, "--resume", "--clip", "1.0",
+  assert main_lib.main(_args(out, "--resume", "--clip", "1.0",
                               steps=6)) == 2
   err = capsys.readouterr().err
   assert "settings differ" in err and "clip" in err
@@ -101,7 +101,7 @@ def test_a_corrupt_checkpoint_names_the_newest_intact_one(finished, tmp_path,
   else:
     target.write_bytes(b"\x00garbage" * 16)
   intact = _snapshot(out)
-  assert train_lib.main(_args(out, "--resume", steps=6)) == 2
+  assert main_lib.main(_args(out, "--resume", steps=6)) == 2
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert "checkpoint step 4" in err and "corrupt" in err
   assert "newest intact checkpoint is step 2" in err
@@ -109,7 +109,7 @@ def test_a_corrupt_checkpoint_names_the_newest_intact_one(finished, tmp_path,
   assert _snapshot(out) == intact
   # Resuming from step 2 finishes the run exactly as the uninterrupted one,
   # and the corrupt step 4 is set aside, not deleted.
-  assert train_lib.main(_args(out, "--resume", "--resume-step", "2")) == 0
+  assert main_lib.main(_args(out, "--resume", "--resume-step", "2")) == 0
   result = json.loads((out / "galore" / "result.json").read_text())
   assert result["final_val_loss"] == finished[1]
   assert (out / "galore" / "ckpt-set-aside" / "4").is_dir()
@@ -119,7 +119,7 @@ def test_non_finite_params_are_never_saved(tmp_path, capsys):
   """A huge learning rate (finite as a Python float, inf in float32) makes
   the params infinite after a step whose loss was still finite."""
   out = tmp_path / "run"
-  code = train_lib.main(_args(out, "--lr", "1e39", "--save-every", "1",
+  code = main_lib.main(_args(out, "--lr", "1e39", "--save-every", "1",
                               "--method", "adamw", method="adamw"))
   assert code == 1
   err = capsys.readouterr().err
@@ -131,9 +131,9 @@ def test_non_finite_params_are_never_saved(tmp_path, capsys):
 def test_the_last_good_checkpoint_named_after_a_nan_stop_is_finite(
     tmp_path, capsys):
   out = tmp_path / "run"
-  assert train_lib.main(_args(out, steps=2, method="adamw")) == 0
+  assert main_lib.main(_args(out, steps=2, method="adamw")) == 0
   # The learning rate is not part of the state: a resume may change it.
-  assert train_lib.main(_args(out, "--resume", "--lr", "1e39",
+  assert main_lib.main(_args(out, "--resume", "--lr", "1e39",
                               "--save-every", "1", method="adamw")) == 1
   err = capsys.readouterr().err
   assert "became non-finite by step 3: not saved" in err
@@ -162,9 +162,9 @@ def test_one_ctrl_c_saves_and_resumes_exactly(finished, tmp_path,
   out = tmp_path / "run"
   with monkeypatch.context() as mp:
     _signals_at(mp, at_call=1, count=1)  # during step 1
-    assert train_lib.main(_args(out)) == 130
+    assert main_lib.main(_args(out)) == 130
   assert _steps(out) == [1]
-  assert train_lib.main(_args(out, "--resume")) == 0
+  assert main_lib.main(_args(out, "--resume")) == 0
   result = json.loads((out / "galore" / "result.json").read_text())
   assert result["final_val_loss"] == finished[1]
 
@@ -175,10 +175,10 @@ def test_two_ctrl_c_abort_without_losing_saved_checkpoints(tmp_path,
   with monkeypatch.context() as mp:
     _signals_at(mp, at_call=3, count=2)  # step 3: after the step-2 save
     with pytest.raises(KeyboardInterrupt):
-      train_lib.main(_args(out))
+      main_lib.main(_args(out))
   assert _steps(out) == [2]
   _restored(out, 2)  # intact
-  assert train_lib.main(_args(out, "--resume")) == 0
+  assert main_lib.main(_args(out, "--resume")) == 0
 
 
 def test_second_ctrl_c_during_a_save_keeps_the_older_checkpoints(
@@ -197,10 +197,10 @@ def test_second_ctrl_c_during_a_save_keeps_the_older_checkpoints(
     _signals_at(mp, at_call=3, count=1)
     mp.setattr(checkpointing, "save", aborted_save)
     with pytest.raises(KeyboardInterrupt):
-      train_lib.main(_args(out))
+      main_lib.main(_args(out))
   assert _steps(out) == [2]
   _restored(out, 2)
-  assert train_lib.main(_args(out, "--resume")) == 0
+  assert main_lib.main(_args(out, "--resume")) == 0
 
 
 def test_ctrl_c_during_a_save_completes_that_save(finished, tmp_path,
@@ -217,11 +217,11 @@ def test_ctrl_c_during_a_save_completes_that_save(finished, tmp_path,
     mp.setattr(checkpointing, "save", interrupted_save)
     # Step 2's save completes; the Ctrl-C is acted on after step 3, which
     # is saved too.
-    assert train_lib.main(_args(out)) == 130
+    assert main_lib.main(_args(out)) == 130
   assert _steps(out) == [2, 3]
   _restored(out, 2)
   _restored(out, 3)
-  assert train_lib.main(_args(out, "--resume")) == 0
+  assert main_lib.main(_args(out, "--resume")) == 0
   result = json.loads((out / "galore" / "result.json").read_text())
   assert result["final_val_loss"] == finished[1]
 
@@ -252,7 +252,7 @@ def test_bad_input_files_give_one_line_errors(tmp_path, capsys, make, flag,
   argv = _args(tmp_path / "run", flag, str(path))
   if flag == "--out":
     argv = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
-  assert train_lib.main(argv) == 2
+  assert main_lib.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0]
 

@@ -1,5 +1,6 @@
 """The LLaMA example: model math, HF parity, data, training, resume, CLI."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -15,9 +16,11 @@ import pytest
 from flax import nnx
 
 from examples.llama import checkpointing
+from examples.llama import configs
 from examples.llama import input_pipeline as data_lib
 from examples.llama import hf
 from examples.llama import models as model_lib
+from examples.llama import main as main_lib
 from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 import galore_jax
@@ -178,7 +181,7 @@ def test_init_from_trains_the_checkpoint(hf_models, tmp_path):
           "--method", "galore", "--rank", "8", "--steps", "2",
           "--batch-size", "2", "--seq-len", "16", "--eval-every", "2",
           "--out", str(tmp_path / "out"), "--no-progress"]
-  assert train_lib.main(args) == 0
+  assert main_lib.main(args) == 0
   result = json.loads((tmp_path / "out/galore/result.json").read_text())
   assert result["params"] == hf.read_config(path).num_params
 
@@ -295,7 +298,7 @@ def _restore(out, method, step=None):
 
 @pytest.mark.parametrize("method", methods_lib.NAMES)
 def test_each_method_decreases_the_loss(tmp_path, method):
-  assert train_lib.main(_args(tmp_path, method, "--lr", "0.01", "--warmup",
+  assert main_lib.main(_args(tmp_path, method, "--lr", "0.01", "--warmup",
                               "0", steps=8)) == 0
   losses = [r["loss"] for r in _metrics(tmp_path, method) if "loss" in r]
   assert len(losses) == 8
@@ -307,7 +310,7 @@ def test_each_method_decreases_the_loss(tmp_path, method):
 
 
 def test_galore_projects_only_attention_and_mlp_kernels(tmp_path):
-  args = train_lib.parser().parse_args(_args(tmp_path, "galore"))
+  args = main_lib.config_from_flags(_args(tmp_path, "galore"))
   model = train_lib.build_model(args, TINY.vocab)
   m = methods_lib.build("galore", model, args)
   mask = methods_lib.target_mask(m.train)
@@ -354,13 +357,13 @@ def _interrupting_batch(monkeypatch, at_call, sig=True):
 def test_ctrl_c_saves_and_resume_is_bit_exact(tmp_path, monkeypatch, method,
                                               extra):
   once, split = tmp_path / "once", tmp_path / "split"
-  assert train_lib.main(_args(once, method, *extra)) == 0
+  assert main_lib.main(_args(once, method, *extra)) == 0
   accum = 2 if "--grad-accum" in extra else 1
   with monkeypatch.context() as mp:
     _interrupting_batch(mp, at_call=2 * accum)  # Ctrl-C during step 2
-    assert train_lib.main(_args(split, method, *extra)) == 130
+    assert main_lib.main(_args(split, method, *extra)) == 130
   assert _restore(split, method)["step"] == 2
-  assert train_lib.main(_args(split, method, *extra, "--resume")) == 0
+  assert main_lib.main(_args(split, method, *extra, "--resume")) == 0
   a, b = _restore(once, method, 6), _restore(split, method, 6)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -447,11 +450,11 @@ def test_layerwise_equals_the_plain_step(tmp_path, method, extra, tol):
   its early updates are nearly sign(g), GaLore's SVD turns with it where
   singular values are close, and 8-bit moments flip rounding ties."""
   plain, fused = tmp_path / "plain", tmp_path / "fused"
-  assert train_lib.main(_args(plain, method, "--scan-layers", *extra)) == 0
-  assert train_lib.main(_args(fused, method, "--layerwise", *extra)) == 0
+  assert main_lib.main(_args(plain, method, "--scan-layers", *extra)) == 0
+  assert main_lib.main(_args(fused, method, "--layerwise", *extra)) == 0
   start = methods_lib.build(method, train_lib.build_model(
-      train_lib.parser().parse_args(_args(plain, method, "--scan-layers")),
-      TINY.vocab), train_lib.parser().parse_args(_args(plain, method))).train
+      main_lib.config_from_flags(_args(plain, method, "--scan-layers")),
+      TINY.vocab), main_lib.config_from_flags(_args(plain, method))).train
   a, b = _final(fused, method), _final(plain, method)
   assert _rel(b, start) > 1e-3  # it trained
   assert _rel(a, b) < tol
@@ -464,8 +467,8 @@ def test_layerwise_on_a_mesh_equals_one_device(tmp_path):
   one, mesh = tmp_path / "one", tmp_path / "mesh"
   extra = ("--layerwise", "--grad-accum", "2", "--batch-size", "8",
            "--update-proj-gap", "5")
-  assert train_lib.main(_args(one, "galore", *extra, steps=10)) == 0
-  assert train_lib.main(_args(mesh, "galore", *extra, "--mesh",
+  assert main_lib.main(_args(one, "galore", *extra, steps=10)) == 0
+  assert main_lib.main(_args(mesh, "galore", *extra, "--mesh",
                               "data=2,fsdp=4", steps=10)) == 0
   a, b = _final(mesh, "galore"), _final(one, "galore")
   distance = lambda a, b: np.sqrt(sum(
@@ -478,9 +481,9 @@ def test_layerwise_on_a_mesh_equals_one_device(tmp_path):
 
 
 def test_layerwise_q_galore_keeps_int8_layers(tmp_path):
-  assert train_lib.main(_args(tmp_path, "q_galore", "--layerwise",
+  assert main_lib.main(_args(tmp_path, "q_galore", "--layerwise",
                               steps=3)) == 0
-  args = train_lib.parser().parse_args(_args(tmp_path, "q_galore",
+  args = main_lib.config_from_flags(_args(tmp_path, "q_galore",
                                              "--layerwise"))
   m = methods_lib.build("q_galore", train_lib.build_model(args, TINY.vocab),
                       args)
@@ -497,7 +500,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch,
   monkeypatch.setattr(model_lib, "loss_fn", lambda model, t: original(
       model, t) + jnp.where(t[0, 0] < 0, jnp.nan, 0.0))
   _interrupting_batch(monkeypatch, at_call=5, sig=False)
-  assert train_lib.main(_args(tmp_path, "galore")) == 1
+  assert main_lib.main(_args(tmp_path, "galore")) == 1
   err = capsys.readouterr().err
   assert "non-finite loss nan" in err and "at step 5" in err
   assert "last good checkpoint is step 3" in err
@@ -507,7 +510,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch,
 
 
 def test_bf16_params_stay_bf16(tmp_path):
-  assert train_lib.main(_args(tmp_path, "galore", "--dtype", "bf16",
+  assert main_lib.main(_args(tmp_path, "galore", "--dtype", "bf16",
                               "--param-dtype", "bf16", steps=3)) == 0
   saved = _restore(tmp_path, "galore")
   assert {x.dtype for x in jax.tree.leaves(saved["train"])} == {
@@ -515,13 +518,71 @@ def test_bf16_params_stay_bf16(tmp_path):
 
 
 def test_compare_writes_plot_and_summary(tmp_path):
-  assert train_lib.main(_args(tmp_path, "adamw", "--compare",
+  assert main_lib.main(_args(tmp_path, "adamw", "--compare",
                               "adamw,galore", steps=3)) == 0
   png = (tmp_path / "loss.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
   table = (tmp_path / "summary.md").read_text()
   assert "| adamw | llama-tiny | 3 |" in table
   assert "| galore | llama-tiny | 3 |" in table
+  # Each run's args.json is the command line's Config for that method.
+  config = main_lib.config_from_flags(_args(tmp_path, "adamw", "--compare",
+                                            "adamw,galore", steps=3))
+  for name in ("adamw", "galore"):
+    saved = json.loads((tmp_path / name / "args.json").read_text())
+    assert configs.Config.from_dict(saved) == dataclasses.replace(
+        config, method=name, compare=None)
+
+
+# ---------------------------------------------------------------------------
+# The Config.
+
+
+def test_config_round_trips_through_args_json(tmp_path):
+  config = configs.Config(
+      model="llama-tiny", method="q_galore", rank=8, lr=3e-3, clip=0.5,
+      zero_point="official", scan_layers=True, data=str(tmp_path),
+      mesh="data=2,fsdp=4", batch_size=4, steps=7)
+  checkpointing.write_record(tmp_path, config.to_dict(), fresh=True)
+  saved = json.loads((tmp_path / checkpointing.RECORD).read_text())
+  assert saved == dataclasses.asdict(config)
+  assert configs.Config.from_dict(saved) == config
+  assert configs.Config.from_dict({}) == configs.Config()  # all defaults
+  with pytest.raises(ValueError, match="not Config fields: out"):
+    configs.Config.from_dict({**saved, "out": "runs"})
+  with pytest.raises(ValueError, match="--steps must be >= 1"):
+    dataclasses.replace(config, steps=0)
+  with pytest.raises(ValueError, match="--method: invalid choice 'sgd'"):
+    configs.Config(method="sgd")
+
+
+def test_state_fields_are_derived_from_the_field_metadata(tmp_path):
+  marked = tuple(f.name for f in dataclasses.fields(configs.Config)
+                 if f.metadata["state"])
+  assert configs.STATE_FIELDS == marked
+  # What shapes the saved state or what it holds (the README's list).
+  assert set(marked) == {
+      "model", "init_from", "method", "rank", "svd", "on_refresh",
+      "zero_point", "clip", "clip_mode", "dtype", "param_dtype",
+      "scan_layers", "batch_size", "seq_len", "grad_accum", "seed", "data",
+      "tokenizer", "lora_alpha", "lora_trainable", "layerwise"}
+
+  @dataclasses.dataclass(frozen=True)
+  class Wider(configs.Config):
+    extra: int = configs.flag_field(0, state=True)
+    note: str = configs.flag_field("")
+
+  assert configs.state_fields(Wider) == marked + ("extra",)
+  # The resume check compares these fields and no others.
+  record = configs.Config().to_dict()
+  checkpointing.write_record(tmp_path, record, fresh=True)
+  for name in configs.field_names():
+    changed = {**record, name: "changed"}
+    if name in marked:
+      with pytest.raises(ValueError, match=f"settings differ.*'{name}'"):
+        checkpointing.check_settings(tmp_path, changed, marked)
+    else:
+      checkpointing.check_settings(tmp_path, changed, marked)
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -547,13 +608,13 @@ def test_cli_errors(tmp_path, capsys):
                    (["--update-proj-gap", str(2**31)],
                     "--update-proj-gap must be <= 2**30")]:
     with pytest.raises(SystemExit) as e:
-      train_lib.main(bad)
+      main_lib.main(bad)
     assert e.value.code == 2 and msg in capsys.readouterr().err
-  assert train_lib.main(_args(tmp_path, "galore", "--data",
+  assert main_lib.main(_args(tmp_path, "galore", "--data",
                               str(tmp_path / "none.txt"))) == 2
   assert "does not exist" in capsys.readouterr().err
-  assert train_lib.main(_args(tmp_path, "galore", steps=3)) == 0
-  assert train_lib.main(_args(tmp_path, "galore", "--rank", "8",
+  assert main_lib.main(_args(tmp_path, "galore", steps=3)) == 0
+  assert main_lib.main(_args(tmp_path, "galore", "--rank", "8",
                               "--resume")) == 2
   assert "settings differ" in capsys.readouterr().err
 

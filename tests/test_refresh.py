@@ -90,10 +90,11 @@ def llama_gradients():
   after 20 AdamW steps, at two points 10 steps apart."""
   from examples.llama import input_pipeline as data_lib
   from examples.llama import models as model_lib
+  from examples.llama import main as main_lib
   from examples.llama import methods as methods_lib
   from examples.llama import train as train_lib
   corpus = data_lib.load(verbose=False)
-  args = train_lib.parser().parse_args(["--model", "llama-1m", "--steps",
+  args = main_lib.config_from_flags(["--model", "llama-1m", "--steps",
                                         "30", "--method", "adamw"])
   m = methods_lib.build("adamw", train_lib.build_model(args, 259), args)
   step = jax.jit(m.step)

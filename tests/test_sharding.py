@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import galore_jax
 from examples.llama import input_pipeline as data_lib
+from examples.llama import main as main_lib
 from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 
@@ -326,7 +327,7 @@ def _train_llama(method, mesh_text, svd="exact", state_bits=8,
   on float weights (the example's q_galore adds INT8 weights). ``nudge``
   changes the last bit of every gradient (see :func:`_last_bit`)."""
   example = "galore" if method == "q_galore_adamw" else method
-  args = train_lib.parser().parse_args([
+  args = main_lib.config_from_flags([
       "--model", "llama-tiny", "--method", example, "--steps", str(STEPS),
       "--batch-size", "8", "--seq-len", "32", "--update-proj-gap", "5",
       "--svd", svd] + (["--mesh", mesh_text] if mesh_text else []))
@@ -398,7 +399,7 @@ def _relative(a, b):
 
 def _initial(method):
   example = "galore" if method == "q_galore_adamw" else method
-  args = train_lib.parser().parse_args(["--model", "llama-tiny"])
+  args = main_lib.config_from_flags(["--model", "llama-tiny"])
   m = methods_lib.build(example, train_lib.build_model(args, 259), args)
   return jax.tree.map(np.asarray, galore_jax.dequantize_params(m.train)
                       if method == "q_galore" else m.train)
@@ -517,13 +518,13 @@ def test_parse_mesh():
 ])
 def test_bad_mesh_flags(argv, msg, capsys):
   with pytest.raises(SystemExit) as e:
-    train_lib.main(["--model", "llama-tiny", "--steps", "1"] + argv)
+    main_lib.main(["--model", "llama-tiny", "--steps", "1"] + argv)
   assert e.value.code == 2
   assert msg in capsys.readouterr().err
 
 
 def test_mesh_needs_the_device_count(tmp_path, capsys):
-  code = train_lib.main(["--model", "llama-tiny", "--steps", "1", "--mesh",
+  code = main_lib.main(["--model", "llama-tiny", "--steps", "1", "--mesh",
                          "fsdp=4", "--out", str(tmp_path), "--no-progress"])
   assert code == 2
   assert "needs 4 devices, there are 8" in capsys.readouterr().err
@@ -532,7 +533,7 @@ def test_mesh_needs_the_device_count(tmp_path, capsys):
 def test_stacked_layers_with_accumulation_train_on_a_mesh(tmp_path):
   # The command that hung before the refresh's CPU linalg went one matrix
   # at a time: stacked kernels, the exact SVD under optax.MultiSteps.
-  assert train_lib.main([
+  assert main_lib.main([
       "--model", "llama-tiny", "--method", "galore", "--svd", "exact",
       "--scan-layers", "--grad-accum", "2", "--mesh", "data=2,fsdp=4",
       "--steps", "4", "--update-proj-gap", "2", "--batch-size", "8",
@@ -594,7 +595,7 @@ def test_two_processes_train_like_one_and_resume_together(tmp_path):
   codes, log = _two_processes(tmp_path / "two", args + ["--resume"])
   assert codes == [0, 0], log
   assert f"resumed from step {stopped.group(1)}" in log
-  assert train_lib.main(args + ["--out", str(tmp_path / "one")]) == 0
+  assert main_lib.main(args + ["--out", str(tmp_path / "one")]) == 0
 
   def records(run):
     lines = (tmp_path / run / "galore" / "metrics.jsonl").read_text()
@@ -617,7 +618,7 @@ def test_two_processes_train_layerwise_like_one(tmp_path):
           "--eval-every", "4", "--eval-batches", "1", "--no-progress"]
   codes, log = _two_processes(tmp_path / "two", args)
   assert codes == [0, 0], log
-  assert train_lib.main(args + ["--out", str(tmp_path / "one")]) == 0
+  assert main_lib.main(args + ["--out", str(tmp_path / "one")]) == 0
 
   def losses(run):
     lines = (tmp_path / run / "galore" / "metrics.jsonl").read_text()

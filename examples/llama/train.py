@@ -1,31 +1,30 @@
-r"""Pre-train or fine-tune a LLaMA with AdamW, 8-bit Adam, GaLore, Q-GaLore,
-LoRA or QLoRA, on one GPU or on CPU.
+r"""Trains the LLaMA example: :func:`train_and_evaluate` and its loop.
 
-  python -m examples.llama.train                       # llama-1m, galore, stdlib
-  python -m examples.llama.train --compare adamw,galore,q_galore --steps 600
-  python -m examples.llama.train --model llama-60m --method galore \
-      --data corpus.txt --dtype bf16 --batch-size 64 --seq-len 256
-  python -m examples.llama.train --init-from ./hf-llama --method galore ...
-  python -m examples.llama.train ... --resume          # continue exactly
-  python -m examples.llama.train --layerwise ...      # per-layer updates
-  python -m examples.llama.train ... --distributed --mesh data=2,fsdp=16  # each host
+  config = configs.Config(model="llama-tiny", compare="adamw,galore")
+  train_and_evaluate(config, "runs/llama")  # or: python -m examples.llama.train
 
-Writes to ``--out/<method>/``: ``metrics.jsonl`` (train loss every step,
-validation loss and perplexity every ``--eval-every``), ``result.json``,
-Orbax checkpoints in ``ckpt/``; and to ``--out``: ``loss.png`` (every run of
-the directory on one plot) and ``summary.md``.
+For each method of the config, :func:`train_method` trains in
+``workdir/<method>/``: ``metrics.jsonl`` (train loss, gradient norm and lr
+every step; validation loss and perplexity every ``eval_every``),
+``result.json``, ``args.json`` (the :class:`~examples.llama.configs.Config`
+of the run) and Orbax checkpoints in ``ckpt/`` every ``save_every`` steps
+and at the end. Then ``workdir/loss.png`` plots every run of the directory
+and ``workdir/summary.md`` tabulates them.
 
-GaLore methods project the attention and MLP kernels only; embeddings, norms
-and the LM head use AdamW in full, as in the paper. The learning rate follows
-the paper's recipe: linear warmup over 10% of the steps, then cosine decay to
-10% of the peak. With ``--layerwise`` the blocks are stacked and each one is
-updated as soon as its gradient exists (:func:`galore_jax.layerwise_step`),
-so no step holds every gradient.
+The step is compiled ahead of time with the params, optimizer state and
+PRNG key donated; the loss is checked on the host one step late, so
+dispatch stays asynchronous. A first Ctrl-C saves a checkpoint after the
+step (and the run stops, status "interrupted"), a second one aborts. A
+resumed run is bit-identical to an uninterrupted one: a checkpoint holds
+the params, optimizer state, PRNG key, step and data position, and the
+batch at a data position is always the same
+(:func:`examples.llama.input_pipeline.batch`). With several processes
+(``jax.distributed``) all of them train; the first one alone writes files
+and prints.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -35,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional
 
 if __package__ in (None, ""):  # `python examples/llama/train.py`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
@@ -49,214 +48,76 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from examples.llama import checkpointing
+from examples.llama import configs
 from examples.llama import hf
-from examples.llama import input_pipeline as data_lib
+from examples.llama import input_pipeline
 from examples.llama import methods as methods_lib
-from examples.llama import models as model_lib
-
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-# Args that set the shapes of the saved state: a resumed run must match them.
-_STATE_ARGS = ("model", "init_from", "method", "rank", "svd", "on_refresh",
-               "zero_point", "clip", "clip_mode",
-               "dtype", "param_dtype", "scan_layers", "batch_size", "seq_len",
-               "grad_accum", "seed", "data", "tokenizer", "lora_alpha",
-               "lora_trainable", "layerwise")
+from examples.llama import models
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient norm became NaN or infinite."""
 
 
-# ---------------------------------------------------------------------------
-# Command line.
-
-
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m examples.llama.train",
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  a = p.add_argument
-  a("--model", default="llama-1m", choices=sorted(model_lib.CONFIGS),
-    help="named config (its vocabulary is replaced by the tokenizer's)")
-  a("--init-from", default=None, metavar="DIR",
-    help="a Hugging Face LLaMA checkpoint directory (config.json +"
-         " safetensors) to fine-tune; overrides --model")
-  a("--method", default="galore", choices=methods_lib.NAMES)
-  a("--compare", default=None, metavar="M1,M2,...",
-    help="run several methods one after the other (overrides --method)")
-  a("--rank", type=int, default=None,
-    help="GaLore / LoRA rank (default: the config's recipe rank)")
-  a("--update-proj-gap", type=int, default=200)
-  a("--galore-scale", type=float, default=0.25)
-  a("--svd", default="exact", choices=("exact", "randomized",
-                                       "subspace_iteration"),
-    help="how galore, galore_8bit and q_galore refresh their projectors"
-         " (use a range finder on a --mesh: 'exact' gathers each gradient)")
-  a("--on-refresh", default="keep", choices=("keep", "reset", "transport"),
-    help="galore's moments across a subspace switch (float moments only)")
-  a("--zero-point", default="float", choices=("float", "official"),
-    help="q_galore's group quantization of projectors and INT8 weights:"
-         " 'float' offsets represent every group; 'official' is Q-GaLore's"
-         " clipped uint8 zero point (same-sign groups collapse)")
-  a("--lora-alpha", type=float, default=None, help="default: the rank")
-  a("--lora-trainable", default="embed|norm|lm_head",
-    help="regex of params LoRA / QLoRA train in full ('' for none)")
-  a("--lr", type=float, default=None,
-    help="peak learning rate (default: 0.01 for GaLore methods as in the"
-         " paper's recipe, 1e-3 otherwise)")
-  a("--warmup", type=float, default=0.1, help="warmup fraction of --steps")
-  a("--min-lr-ratio", type=float, default=0.1)
-  a("--weight-decay", type=float, default=0.0)
-  a("--clip", type=float, default=0.0, help="global-norm clip (0: off)")
-  a("--clip-mode", default="global", choices=("global", "per_layer"),
-    help="--layerwise --clip: 'global' is exact (one more backward pass);"
-         " 'per_layer' clips each block and the rest to clip/sqrt(L+1), so"
-         " the global norm stays under --clip, in one pass")
-  a("--steps", type=int, default=400, help="optimizer steps")
-  a("--batch-size", type=int, default=16, help="sequences per micro-batch")
-  a("--seq-len", type=int, default=128)
-  a("--grad-accum", type=int, default=1,
-    help="micro-batches per optimizer step (optax.MultiSteps)")
-  a("--dtype", default="fp32", choices=sorted(DTYPES), help="compute dtype")
-  a("--param-dtype", default="fp32", choices=sorted(DTYPES))
-  a("--scan-layers", action="store_true",
-    help="stack the blocks: kernels (layers, in, out), run with nnx.scan")
-  a("--remat", action="store_true", help="activation checkpointing")
-  a("--layerwise", action="store_true",
-    help="update each block as soon as its gradient exists, in a reverse"
-         " loop over the stacked layers (implies --scan-layers; recomputes"
-         " each block like --remat); for adamw, adamw_8bit, galore,"
-         " galore_8bit and q_galore (LoRA and QLoRA use the plain step)")
-  a("--data", default=None, metavar="PATH",
-    help="text file, directory of text files, or .bin/.npy token ids"
-         " (default: the Python stdlib sources, bytes)")
-  a("--tokenizer", default=None, metavar="PATH",
-    help="local Hugging Face tokenizer.json (default: bytes)")
-  a("--eval-every", type=int, default=100)
-  a("--eval-batches", type=int, default=8)
-  a("--save-every", type=int, default=200, help="checkpoint period (steps)")
-  a("--out", default="runs/llama", help="output directory")
-  a("--resume-step", type=int, default=None, metavar="N",
-    help="with --resume: continue from checkpoint N instead of the newest"
-         " (e.g. the newest intact one after a corrupt save)")
-  a("--resume", action="store_true",
-    help="continue from the latest checkpoint in --out/<method>/ckpt")
-  a("--seed", type=int, default=0)
-  a("--mesh", default=None, metavar="data=D,fsdp=F",
-    help="shard over a device mesh: the batch over 'data', params and"
-         " optimizer state over 'fsdp'; D*F must equal the device count"
-         " (CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-  a("--distributed", action="store_true",
-    help="several hosts (processes): call jax.distributed.initialize()"
-         " first; run the same command on every host, with --mesh over all"
-         " their devices. Under SLURM or Open MPI it finds its peers;"
-         " elsewhere give the three flags below")
-  a("--coordinator", default=None, metavar="HOST:PORT",
-    help="--distributed: process 0's address (or JAX_COORDINATOR_ADDRESS)")
-  a("--num-processes", type=int, default=None,
-    help="--distributed: how many processes")
-  a("--process-id", type=int, default=None,
-    help="--distributed: this process's index, 0 to --num-processes - 1")
-  a("--no-progress", action="store_true", help="no progress bar")
-  return p
-
-
-def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace):
-  for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every",
-               "eval_batches", "save_every", "update_proj_gap"):
-    if getattr(args, name) < 1:
-      p.error(f"--{name.replace('_', '-')} must be >= 1, got"
-              f" {getattr(args, name)}")
-  for name, value in vars(args).items():
-    if isinstance(value, float) and not math.isfinite(value):
-      p.error(f"--{name.replace('_', '-')} must be finite, got {value}")
-  if args.rank is not None and args.rank < 1:
-    p.error(f"--rank must be >= 1, got {args.rank}")
-  if args.lr is not None and not args.lr > 0:
-    p.error(f"--lr must be > 0, got {args.lr}")
-  if args.update_proj_gap > 2**30:
-    p.error(f"--update-proj-gap must be <= 2**30, got {args.update_proj_gap}")
-  if not 0 <= args.min_lr_ratio <= 1:
-    p.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
-  if args.weight_decay < 0:
-    p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-  if args.lora_alpha is not None and not args.lora_alpha > 0:
-    p.error(f"--lora-alpha must be > 0, got {args.lora_alpha}")
-  if args.seed < 0:
-    p.error(f"--seed must be >= 0, got {args.seed}")
-  if args.resume_step is not None and not args.resume:
-    p.error("--resume-step needs --resume")
-  if args.resume_step is not None and args.resume_step < 1:
-    p.error(f"--resume-step must be >= 1, got {args.resume_step}")
-  methods = ([m for m in args.compare.split(",") if m] if args.compare
-             else [args.method])
-  if args.on_refresh != "keep" and any(m != "galore" for m in methods):
-    p.error("--on-refresh applies to --method galore only (the other"
-            " methods keep 8-bit or no projected moments)")
-  if not args.galore_scale > 0:
-    p.error(f"--galore-scale must be > 0, got {args.galore_scale}")
-  if not 0 <= args.warmup < 1:
-    p.error(f"--warmup must be in [0, 1), got {args.warmup}")
-  if args.clip < 0:
-    p.error(f"--clip must be >= 0, got {args.clip}")
-  if args.clip_mode != "global" and not (args.layerwise and args.clip):
-    p.error("--clip-mode applies to --layerwise with --clip")
-  if args.layerwise:
-    plain_only = [m for m in methods if m in ("lora", "qlora")]
-    if plain_only:
-      p.error(f"--layerwise: {', '.join(plain_only)} train on the plain step;"
-              " use --layerwise with adamw, adamw_8bit, galore, galore_8bit"
-              " or q_galore")
-  if args.compare is not None:
-    methods = [m for m in args.compare.split(",") if m]
-    bad = [m for m in methods if m not in methods_lib.NAMES]
-    if bad or not methods:
-      p.error(f"--compare: unknown method(s) {bad or args.compare!r}; known:"
-              f" {', '.join(methods_lib.NAMES)}")
-  if args.init_from is not None and not pathlib.Path(args.init_from).is_dir():
-    p.error(f"--init-from: {args.init_from} is not a directory")
-  given = [f for f in ("coordinator", "num_processes", "process_id")
-           if getattr(args, f) is not None]
-  if given and not args.distributed:
-    p.error(f"--{given[0].replace('_', '-')} needs --distributed")
-  if args.num_processes is not None and args.num_processes < 1:
-    p.error(f"--num-processes must be >= 1, got {args.num_processes}")
-  if args.process_id is not None and not (
-      0 <= args.process_id < (args.num_processes or args.process_id + 1)):
-    p.error(f"--process-id must be in [0, --num-processes), got"
-            f" {args.process_id}")
-  if args.distributed and args.mesh is None:
-    p.error("--distributed needs a --mesh over the devices of every process")
-  if args.mesh is not None:
-    try:
-      sizes = methods_lib.parse_mesh(args.mesh)
-    except ValueError as e:
-      p.error(f"--mesh: {e}")
-    if args.batch_size % sizes["data"]:
-      p.error(f"--batch-size {args.batch_size} must be divisible by the"
-              f" mesh's data={sizes['data']}")
-
-
-# ---------------------------------------------------------------------------
-# Model and method.
-
-
-def build_model(args, vocab: int) -> model_lib.Llama:
-  if args.init_from is not None:
-    cfg = hf.read_config(args.init_from)
+def build_model(config: configs.Config, vocab: int) -> models.Llama:
+  """The config's LLaMA with the data's vocabulary, or the Hugging Face
+  checkpoint of ``config.init_from``."""
+  if config.init_from is not None:
+    cfg = hf.read_config(config.init_from)
     if vocab > cfg.vocab:
       raise ValueError(f"the data's vocabulary ({vocab}) is larger than the"
                        f" checkpoint's ({cfg.vocab}); pass its --tokenizer")
   else:
-    cfg = dataclasses.replace(model_lib.CONFIGS[args.model], vocab=vocab)
-  model = model_lib.Llama(
-      cfg, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.param_dtype],
-      scan_layers=args.scan_layers or args.layerwise, remat=args.remat,
-      rngs=nnx.Rngs(args.seed))
-  if args.init_from is not None:
-    hf.load_into(model, args.init_from)
+    cfg = dataclasses.replace(models.CONFIGS[config.model], vocab=vocab)
+  model = models.Llama(
+      cfg, dtype=configs.DTYPES[config.dtype],
+      param_dtype=configs.DTYPES[config.param_dtype],
+      scan_layers=config.scan_layers or config.layerwise,
+      remat=config.remat, rngs=nnx.Rngs(config.seed))
+  if config.init_from is not None:
+    hf.load_into(model, config.init_from)
   return model
+
+
+def train_and_evaluate(config: configs.Config, workdir: str | pathlib.Path,
+                       *, resume: bool = False,
+                       resume_step: Optional[int] = None,
+                       progress: bool = True) -> list[dict]:
+  """Trains each method of ``config`` in ``workdir/<method>/``, one after
+  the other, then writes ``workdir/loss.png`` and ``workdir/summary.md``.
+
+  Args:
+    config: the settings (``config.method_names``: the methods to train).
+    workdir: the output directory.
+    resume: continue each run from its latest checkpoint (``resume_step``:
+      that one), refusing settings that change the saved state.
+    progress: show a progress bar (when tqdm is installed).
+
+  Returns:
+    The results (result.json) of the runs, stopping after the first that
+    did not finish (status "interrupted").
+
+  Raises:
+    NonFiniteLossError: a non-finite loss, gradient norm or state.
+    OSError, ValueError: unreadable inputs, an unwritable ``workdir``, or a
+      run directory the run may not use
+      (:mod:`~examples.llama.checkpointing`).
+  """
+  workdir = pathlib.Path(workdir)
+  check_writable(workdir)
+  corpus = input_pipeline.load(config.data, config.tokenizer,
+                               verbose=is_lead())
+  results = []
+  for name in config.method_names:
+    one = dataclasses.replace(config, method=name, compare=None)
+    results.append(train_method(one, workdir / name, corpus, resume=resume,
+                                resume_step=resume_step, progress=progress))
+    if results[-1]["status"] != "done":
+      break
+  if is_lead():
+    plot(workdir)
+    summary(workdir)
+  return results
 
 
 def memory_figures(compiled) -> dict[str, int]:
@@ -314,13 +175,13 @@ def _progress(total: int, initial: int, disable: bool):
               dynamic_ncols=True)
 
 
-def _lead() -> bool:
+def is_lead() -> bool:
   """Whether this process writes files and prints (the first one)."""
   return jax.process_index() == 0
 
 
 def _say(*a, **kw):
-  if _lead():
+  if is_lead():
     print(*a, **kw)
 
 
@@ -338,63 +199,95 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def run(args, method: str, corpus: data_lib.Corpus) -> dict:
-  """Trains one method; returns its result (also written to result.json).
+def _open_run(config: configs.Config, run_dir: pathlib.Path,
+              resume: bool) -> None:
+  """Checks that the run may use ``run_dir`` and records its settings."""
+  checkpointing.check_run_dir(run_dir, resume)
+  fresh = not (resume and checkpointing.has_record(run_dir))
+  record = config.to_dict()
+  if not fresh:
+    checkpointing.check_settings(run_dir, record, configs.STATE_FIELDS)
+  if is_lead():
+    checkpointing.write_record(run_dir, record, fresh)
+  _barrier(f"{config.method}: output directory ready")
+
+
+def _start(m: methods_lib.Method, where: methods_lib.Placement,
+           config: configs.Config, mngr, run_dir: pathlib.Path, resume: bool,
+           resume_step: Optional[int]) -> tuple[int, dict]:
+  """``(step, state)`` to start from: fresh, or the checkpoint resumed."""
+  train, frozen, opt_state = methods_lib.init_state(m, where)
+  key = jax.random.PRNGKey(config.seed)
+  if where.replicated is not None:
+    key = methods_lib.to_mesh(key, where.replicated)
+  state = {"train": train, "frozen": frozen, "opt_state": opt_state,
+           "key": key, "step": np.int64(0), "position": np.int64(0)}
+  ckpt_dir = run_dir / "ckpt"
+  if resume and mngr.latest_step() is not None:
+    start, state = checkpointing.restore_for_resume(mngr, ckpt_dir, state,
+                                                    resume_step)
+    if is_lead():
+      moved, aside = checkpointing.set_aside_newer(mngr, run_dir, start)
+      if moved:
+        _say(f"moved checkpoints {moved} to {aside}", file=sys.stderr,
+             flush=True)
+    _say(f"[{m.name}] resumed from step {start} ({ckpt_dir})", flush=True)
+    return start, state
+  if resume:
+    _say(f"[{m.name}] --resume: no checkpoint in {ckpt_dir}; starting fresh",
+         flush=True)
+  return 0, state
+
+
+def _mean_metrics(s: int, micro: list[dict], name: str,
+                  last_good: Callable[[], str]) -> tuple[int, float, float]:
+  """``(step, loss, grad norm)``: the means over a step's micro-steps;
+  ``last_good()`` names the checkpoint to go back to if they are not
+  finite."""
+  loss = float(np.mean([float(x["loss"]) for x in micro]))
+  gnorm = float(np.mean([float(x["grad_norm"]) for x in micro]))
+  if not (math.isfinite(loss) and math.isfinite(gnorm)):
+    raise NonFiniteLossError(
+        f"[{name}] non-finite loss {loss} / grad norm {gnorm} at step"
+        f" {s + 1}: stopping. {last_good()}; lower --lr or set --clip")
+  return s, loss, gnorm
+
+
+def train_method(config: configs.Config, run_dir: str | pathlib.Path,
+                 corpus: input_pipeline.Corpus, *, resume: bool = False,
+                 resume_step: Optional[int] = None,
+                 progress: bool = True) -> dict:
+  """Trains ``config.method`` in ``run_dir``; returns its result (also
+  written to result.json).
 
   With several processes all of them train; the first one alone writes
   files and prints, and every one builds the same batches.
   """
-  out = pathlib.Path(args.out) / method
-  ckpt_dir = out / "ckpt"
-  run_args = {k: getattr(args, k) for k in _STATE_ARGS}
-  run_args["method"] = method
-  checkpointing.check_run_dir(out, args.resume)
-  fresh = not (args.resume and checkpointing.has_record(out))
-  if not fresh:
-    checkpointing.check_settings(out, run_args, _STATE_ARGS)
-  if _lead():
-    checkpointing.write_record(out, run_args, fresh)
-  _barrier(f"{method}: output directory ready")
+  name, run_dir = config.method, pathlib.Path(run_dir)
+  ckpt_dir = run_dir / "ckpt"
+  _open_run(config, run_dir, resume)
 
-  model = build_model(args, corpus.vocab_size)
-  n_params = model_lib.count_params(model)
-  m = methods_lib.build(method, model, args)
+  model = build_model(config, corpus.vocab_size)
+  n_params = models.count_params(model)
+  m = methods_lib.build(name, model, config)
   del model
-  _say(f"[{method}] {n_params:,} params; "
+  _say(f"[{name}] {n_params:,} params; "
        + "; ".join(f"{k}: {v:,}" for k, v in m.groups.items()), flush=True)
-  mesh = (None if args.mesh is None
-          else methods_lib.make_mesh(methods_lib.parse_mesh(args.mesh)))
+  shape = config.mesh_shape
+  mesh = None if shape is None else methods_lib.make_mesh(shape)
   where = methods_lib.placement(m, mesh)
   if mesh is not None:
-    _say(f"[{method}] mesh {dict(mesh.shape)}: batch over 'data', params"
+    _say(f"[{name}] mesh {dict(mesh.shape)}: batch over 'data', params"
          " and optimizer state over 'fsdp'", flush=True)
-  train, frozen, opt_state = methods_lib.init_state(m, where)
-  key = jax.random.PRNGKey(args.seed)
-  if mesh is not None:
-    key = methods_lib.to_mesh(key, where.replicated)
-  state = {"train": train, "frozen": frozen, "opt_state": opt_state,
-           "key": key, "step": np.int64(0), "position": np.int64(0)}
-
   mngr = checkpointing.manager(ckpt_dir)
-  start = 0
-  if args.resume and mngr.latest_step() is not None:
-    start, state = checkpointing.restore_for_resume(mngr, ckpt_dir, state,
-                                                    args.resume_step)
-    if _lead():
-      moved, aside = checkpointing.set_aside_newer(mngr, out, start)
-      if moved:
-        _say(f"moved checkpoints {moved} to {aside}", file=sys.stderr,
-             flush=True)
-    _say(f"[{method}] resumed from step {start} ({ckpt_dir})", flush=True)
-  elif args.resume:
-    _say(f"[{method}] --resume: no checkpoint in {ckpt_dir}; starting fresh",
-         flush=True)
+  start, state = _start(m, where, config, mngr, run_dir, resume, resume_step)
   train, frozen, opt_state, key = (state["train"], state["frozen"],
                                    state["opt_state"], state["key"])
   position = int(state["position"])
   del state
 
-  tokens = jnp.zeros(m.batch_shape(args.batch_size, args.seq_len), jnp.int32)
+  tokens = jnp.zeros(m.batch_shape(config.batch_size, config.seq_len),
+                     jnp.int32)
   t0 = time.perf_counter()
   step = methods_lib.compile_step(m, where, train, frozen, opt_state, key,
                                   tokens)
@@ -404,24 +297,24 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
 
   def next_batch():
     nonlocal position
-    tokens, position = m.batch(corpus.train, position, args)
-    return tokens
+    tokens, position = m.batch(corpus.train, position, config)
+    return put(tokens)
 
   memory = memory_figures(step)
-  _say(f"[{method}] train step compiled in {compile_s:.1f} s; XLA memory:"
+  _say(f"[{name}] train step compiled in {compile_s:.1f} s; XLA memory:"
        f" {memory['total'] / 2**20:,.1f} MiB (args {memory['argument']:,},"
        f" temp {memory['temp']:,} bytes)", flush=True)
   evaluate = jax.jit(m.eval_loss)
-  val_tokens = data_lib.eval_batches(
-      corpus.val, args.eval_batches, args.batch_size, args.seq_len)
+  val_tokens = input_pipeline.eval_batches(
+      corpus.val, config.eval_batches, config.batch_size, config.seq_len)
   val_tokens = (jnp.asarray(val_tokens) if mesh is None else
                 methods_lib.to_mesh(val_tokens,
                                     NamedSharding(mesh, P(None, "data"))))
-  tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+  tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
 
-  metrics_file = open(out / "metrics.jsonl" if _lead() else os.devnull, "a",
-                      encoding="utf-8")
-  bar = _progress(args.steps, start, args.no_progress or not _lead())
+  metrics_file = open(run_dir / "metrics.jsonl" if is_lead() else os.devnull,
+                      "a", encoding="utf-8")
+  bar = _progress(config.steps, start, not progress or not is_lead())
   train_time, train_tokens = 0.0, 0
   last_val = None
   pending = None  # (step, [micro-step metrics]) not yet checked on the host
@@ -431,15 +324,11 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
     return ("No checkpoint was saved" if latest is None else
             f"The last good checkpoint is step {latest} in {ckpt_dir}")
 
-  def check(pending):
-    s, ms = pending
-    loss = float(np.mean([float(x["loss"]) for x in ms]))
-    gnorm = float(np.mean([float(x["grad_norm"]) for x in ms]))
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-      raise NonFiniteLossError(
-          f"[{method}] non-finite loss {loss} / grad norm {gnorm} at step"
-          f" {s + 1}: stopping. {last_good()}; lower --lr or set --clip")
-    return s, loss, gnorm
+  def log_train(pending):
+    ds, loss, gnorm = _mean_metrics(*pending, name, last_good)
+    log({"step": ds + 1, "loss": loss, "grad_norm": gnorm,
+         "lr": float(m.schedule(ds))})
+    return loss
 
   def log(record):
     metrics_file.write(json.dumps(record) + "\n")
@@ -448,7 +337,7 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
     # Only what is finite is saved: a checkpoint is a state to go back to.
     if not bool(checkpointing.all_finite(train, opt_state)):
       raise NonFiniteLossError(
-          f"[{method}] the params or optimizer state became non-finite by"
+          f"[{name}] the params or optimizer state became non-finite by"
           f" step {s}: not saved. {last_good()}; lower --lr or set --clip")
     checkpointing.save(mngr, s, {
         "train": train, "frozen": frozen, "opt_state": opt_state, "key": key,
@@ -458,45 +347,42 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
   seg_start, seg_tokens = time.perf_counter(), 0
   try:
     with _Interrupt() as interrupt:
-      for s in range(start, args.steps):
+      for s in range(start, config.steps):
         micro = []
         for _ in range(m.calls_per_step):
           train, opt_state, key, mt = step(train, frozen, opt_state, key,
-                                           put(next_batch()))
+                                           next_batch())
           micro.append(mt)
         seg_tokens += tokens_per_step
         done, pending = pending, (s, micro)
         if done is not None:
-          ds, loss, gnorm = check(done)
-          log({"step": ds + 1, "loss": loss, "grad_norm": gnorm,
-               "lr": float(m.schedule(ds))})
-        last = s + 1 == args.steps
+          loss = log_train(done)
+        last = s + 1 == config.steps
         hit = _agree(interrupt.hit)
-        sync = (last or (s + 1) % args.eval_every == 0
-                or (s + 1) % args.save_every == 0 or hit)
+        evals = last or (s + 1) % config.eval_every == 0
+        saves = last or (s + 1) % config.save_every == 0 or hit
+        sync = evals or saves
         if sync:
-          ds, loss, gnorm = check(pending)
+          loss = log_train(pending)
           pending = None
-          log({"step": ds + 1, "loss": loss, "grad_norm": gnorm,
-               "lr": float(m.schedule(ds))})
           # Steady throughput: training segments only (the step is compiled
           # ahead of time; evaluation and checkpoints are not counted).
           train_time += time.perf_counter() - seg_start
           train_tokens += seg_tokens
-          if last or (s + 1) % args.eval_every == 0:
+          if evals:
             val = float(evaluate(train, frozen, val_tokens))
             last_val = val
             log({"step": s + 1, "val_loss": val, "val_ppl": math.exp(val)})
             if bar is None:
-              _say(f"[{method}] step {s + 1}: loss {loss:.4f}, val"
+              _say(f"[{name}] step {s + 1}: loss {loss:.4f}, val"
                    f" {val:.4f}", flush=True)
-          if last or (s + 1) % args.save_every == 0 or hit:
+          if saves:
             save(s + 1)
           metrics_file.flush()
           seg_start, seg_tokens = time.perf_counter(), 0
           if hit and not last:
             status = "interrupted"
-            _say(f"[{method}] saved step {s + 1} to {ckpt_dir}; resume with"
+            _say(f"[{name}] saved step {s + 1} to {ckpt_dir}; resume with"
                  " --resume", file=sys.stderr, flush=True)
             break
         if bar is not None:
@@ -515,19 +401,19 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
       bar.close()
 
   result = {
-      "method": method, "model": args.init_from or args.model,
+      "method": name, "model": config.init_from or config.model,
       "params": n_params, "groups": m.groups,
-      "steps": args.steps if status == "done" else s + 1,
-      "tokens": position * args.batch_size * args.seq_len,
+      "steps": config.steps if status == "done" else s + 1,
+      "tokens": position * config.batch_size * config.seq_len,
       "final_val_loss": last_val,
       "final_val_ppl": None if last_val is None else math.exp(last_val),
       "tokens_per_s": train_tokens / train_time if train_time else None,
       "compile_s": compile_s, "xla_memory": memory,
       "device_peak_bytes": device_peak_bytes(), "status": status,
-      "lr": float(m.schedule(int(args.warmup * args.steps))),
+      "lr": float(m.schedule(int(config.warmup * config.steps))),
   }
-  if _lead():
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+  if is_lead():
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
   return result
 
 
@@ -535,7 +421,9 @@ def run(args, method: str, corpus: data_lib.Corpus) -> dict:
 # Reports over every run of the output directory.
 
 
-def _runs(out: pathlib.Path) -> list[tuple[str, list[dict], dict]]:
+def read_runs(out: pathlib.Path) -> list[tuple[str, list[dict], dict]]:
+  """``(name, metrics records, result)`` of each run directory in ``out``
+  that has metrics (``result`` is empty for an unfinished run)."""
   runs = []
   for d in sorted(p for p in out.iterdir() if p.is_dir()):
     if not (d / "metrics.jsonl").is_file():
@@ -554,7 +442,7 @@ def plot(out: str | pathlib.Path) -> Optional[pathlib.Path]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(out)
-  runs = _runs(out)
+  runs = read_runs(out)
   if not runs:
     return None
   fig, ax = plt.subplots(figsize=(8, 5))
@@ -589,7 +477,7 @@ def summary(out: str | pathlib.Path) -> str:
           " tokens/s | XLA step memory (MiB) | device peak (MiB) |",
           "|---|---|---|---|---|---|---|---|---|"]
   fmt = lambda x, f: "-" if x is None else format(x, f)
-  for name, _, r in _runs(out):
+  for name, _, r in read_runs(out):
     if not r:
       continue
     peak = r.get("device_peak_bytes")
@@ -604,7 +492,7 @@ def summary(out: str | pathlib.Path) -> str:
   return text
 
 
-def _check_writable(out: pathlib.Path) -> None:
+def check_writable(out: pathlib.Path) -> None:
   """A clear error now, not a traceback after training, if ``out`` cannot
   hold the run's files."""
   try:
@@ -617,34 +505,6 @@ def _check_writable(out: pathlib.Path) -> None:
                   f" ({e.strerror or e})") from None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = parser()
-  args = p.parse_args(argv)
-  _check_args(p, args)
-  if args.distributed:
-    jax.distributed.initialize(args.coordinator, args.num_processes,
-                               args.process_id)
-  methods = ([x for x in args.compare.split(",") if x] if args.compare
-             else [args.method])
-  try:
-    _check_writable(pathlib.Path(args.out))
-    corpus = data_lib.load(args.data, args.tokenizer, verbose=_lead())
-    for method in methods:
-      r = run(args, method, corpus)
-      if r["status"] != "done":
-        break
-  except NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if _lead():
-    plot(args.out)
-    print(summary(args.out), flush=True)
-    print(f"plot: {pathlib.Path(args.out) / 'loss.png'}", flush=True)
-  return 0 if r["status"] == "done" else 130
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  from examples.llama import main as main_lib  # pylint: disable=g-import-not-at-top
+  sys.exit(main_lib.main())
