@@ -197,35 +197,17 @@ def scale_by_adam_8bit(
     # chunk, writing the codes back in place, so the float32 moments, the
     # code search and new code buffers never exist for a whole leaf.
     mu, nu = _codes(mu), _codes(nu)
-    blocks = mu.codes.shape[0]
-    flat = jnp.ravel(g)
-    g_blocks = jnp.pad(flat, (0, blocks * block_size - flat.size)).reshape(
-        blocks, block_size)
+    # Chunk c of the update overwrites chunk c of the gradient, which
+    # nothing reads again: the update needs no buffer of its own.
+    blocks = (quantization.pad_to_groups(g, block_size), mu.codes, mu.absmax,
+              nu.codes, nu.absmax)
     per = max(1, _CHUNK_ELEMENTS // block_size)
-    state = (mu.codes, mu.absmax, nu.codes, nu.absmax)
-    if blocks <= per:
-      u, *state = chunk_update(g_blocks, *state, c1, c2)
+    update = lambda *chunk: chunk_update(*chunk, c1, c2)
+    if mu.codes.shape[0] <= per:  # one chunk: no loop
+      u, mc, ma, vc, va = update(*blocks)
     else:
-      full, tail = divmod(blocks, per)
-
-      def compute(c, *carry):
-        take = lambda a: jax.lax.dynamic_slice_in_dim(a, c * per, per, 0)
-        return chunk_update(*map(take, carry), c1, c2)
-
-      def body(c, carry):
-        # Chunk c of the update overwrites chunk c of the gradient, which
-        # nothing reads again: the update needs no buffer of its own.
-        new = _inplace.unfused(c >= 0, compute, c, *carry)
-        return tuple(jax.lax.dynamic_update_slice_in_dim(a, x, c * per, 0)
-                     for a, x in zip(carry, new))
-
-      u, *state = jax.lax.fori_loop(0, full, body, (g_blocks, *state))
-      if tail:
-        rest = slice(full * per, None)
-        new = chunk_update(u[rest], *(a[rest] for a in state), c1, c2)
-        u, *state = (a.at[rest].set(x) for a, x in zip((u, *state), new))
-    mc, ma, vc, va = state
-    u = u.reshape(-1)[:flat.size].reshape(g.shape)
+      u, mc, ma, vc, va = _inplace.update_chunks(update, blocks, per)
+    u = quantization.from_groups(u, g.shape)
     return u, BlockwiseCodes(mc, ma), BlockwiseCodes(vc, va)
 
   def update_fn(updates, state, params=None):

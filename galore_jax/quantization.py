@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from galore_jax import _inplace
 from galore_jax import _validation
 
 
@@ -78,6 +79,42 @@ def check_bits(bits: Any, name: str = "bits") -> int:
 def num_groups(size: int, group_size: int) -> int:
   """Number of groups of ``group_size`` covering ``size`` elements."""
   return -(-size // group_size)
+
+
+def pad_to_groups(x: jax.Array, group_size: int,
+                  mode: str = "constant") -> jax.Array:
+  """``x`` flattened row-major as ``(num_groups, group_size)``.
+
+  Every quantizer here groups its input this way; :func:`from_groups` is the
+  inverse.
+
+  Args:
+    x: array of any shape.
+    group_size: elements per group (row).
+    mode: how the last group is filled out: ``"constant"`` with zeros
+      (changes no block's absmax) or ``"edge"`` with the last element
+      (changes no group's min or max).
+
+  Returns:
+    ``(num_groups(x.size, group_size), group_size)``, ``x``'s dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax.quantization import pad_to_groups
+    >>> pad_to_groups(jnp.arange(1, 6), 4, "edge").tolist()
+    [[1, 2, 3, 4], [5, 5, 5, 5]]
+  """
+  flat = jnp.ravel(x)
+  pad = num_groups(flat.size, group_size) * group_size - flat.size
+  if pad:
+    flat = jnp.pad(flat, (0, pad), mode=mode)
+  return flat.reshape(-1, group_size)
+
+
+def from_groups(groups: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Inverse of :func:`pad_to_groups`: the first ``prod(shape)`` elements,
+  as ``shape``."""
+  return groups.reshape(-1)[:math.prod(shape)].reshape(shape)
 
 
 # ---------------------------------------------------------------------------
@@ -159,15 +196,6 @@ def _true_divide(x: jax.Array, d: Any) -> jax.Array:
   return x / (d + jnp.zeros_like(x) * x)
 
 
-def _groups(x: jax.Array, group_size: int) -> jax.Array:
-  """``x`` flattened row-major as ``(num_groups, group_size)``, edge-padded."""
-  flat = jnp.ravel(x)
-  pad = num_groups(flat.size, group_size) * group_size - flat.size
-  if pad:
-    flat = jnp.pad(flat, (0, pad), mode="edge")
-  return flat.reshape(-1, group_size)
-
-
 ZERO_POINTS = ("float", "official")
 
 
@@ -230,7 +258,7 @@ def quantize_groupwise(
   _validation.positive_int("group_size", group_size)
   check_zero_point(zero_point)
   max_int = 2**bits - 1
-  w = _groups(x.astype(jnp.float32), group_size)
+  w = pad_to_groups(x.astype(jnp.float32), group_size, "edge")
   lo = jnp.min(w, axis=1, keepdims=True)
   hi = jnp.max(w, axis=1, keepdims=True)
   if zero_point == "float":
@@ -267,25 +295,19 @@ SR_CHUNK_ELEMENTS = 2**20
 
 
 def _stochastic_codes(y, zeros, max_int, key):
-  """``clip(SR(y) + z)`` per group, ``SR_CHUNK_ELEMENTS`` at a time;
-  chunk ``c`` rounds with ``fold_in(key, c)``."""
+  """``clip(SR(y) + z)`` per group, float32, ``SR_CHUNK_ELEMENTS`` at a time,
+  in place over ``y``: chunk ``c`` rounds with ``fold_in(key, c)``, a ``y``
+  of one chunk or less with ``key``, without a loop."""
   groups, group_size = y.shape
-  per_chunk = max(1, SR_CHUNK_ELEMENTS // group_size)
   zeros = jnp.broadcast_to(jnp.asarray(zeros, jnp.float32), (groups, 1))
+
+  def codes(y, zeros, key):
+    return (jnp.clip(stochastic_round(y, key) + zeros, 0, max_int),)
+
+  per_chunk = max(1, SR_CHUNK_ELEMENTS // group_size)
   if groups <= per_chunk:
-    return jnp.clip(stochastic_round(y, key) + zeros, 0, max_int)
-  n = -(-groups // per_chunk)
-  pad = n * per_chunk - groups
-  chunked = lambda a: jnp.pad(a, ((0, pad), (0, 0)), mode="edge").reshape(
-      n, per_chunk, a.shape[1])
-
-  def chunk(args):
-    c, y_c, z_c = args
-    y_c = stochastic_round(y_c, jax.random.fold_in(key, c))
-    return jnp.clip(y_c + z_c, 0, max_int).astype(jnp.uint8)
-
-  codes = jax.lax.map(chunk, (jnp.arange(n), chunked(y), chunked(zeros)))
-  return codes.reshape(n * per_chunk, group_size)[:groups]
+    return codes(y, zeros, key)[0]
+  return _inplace.update_chunks(codes, (y, zeros), per_chunk, key=key)[0]
 
 
 def dequantize_groupwise(
@@ -297,13 +319,12 @@ def dequantize_groupwise(
 ) -> jax.Array:
   """Inverse of :func:`quantize_groupwise`: ``s q + m`` for float offsets
   ``m``, ``s (q - z)`` for uint8 zero points ``z``."""
-  size = math.prod(shape)
   q = codes.reshape(scales.shape[0], -1).astype(jnp.float32)
   if jnp.issubdtype(zeros.dtype, jnp.floating):
     w = scales[:, None] * q + zeros[:, None]
   else:
     w = scales[:, None] * (q - zeros[:, None].astype(jnp.float32))
-  return w.reshape(-1)[:size].reshape(shape).astype(dtype)
+  return from_groups(w, shape).astype(dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -318,7 +339,7 @@ def codes_per_byte(bits: int) -> int:
 
 def packed_size(size: int, bits: int) -> int:
   """Bytes that :func:`pack` uses for ``size`` codes of ``bits`` bits."""
-  return -(-size // codes_per_byte(bits))
+  return num_groups(size, codes_per_byte(bits))
 
 
 def pack(codes: jax.Array, bits: int) -> jax.Array:
@@ -340,10 +361,7 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
   flat = jnp.ravel(codes).astype(jnp.uint8)
   if k == 1:
     return flat
-  pad = packed_size(flat.size, bits) * k - flat.size
-  if pad:
-    flat = jnp.pad(flat, (0, pad))
-  slots = flat.reshape(-1, k).astype(jnp.uint32)
+  slots = pad_to_groups(flat, k).astype(jnp.uint32)
   shifts = jnp.arange(k, dtype=jnp.uint32) * (8 // k)
   return jnp.sum(slots << shifts, axis=1).astype(jnp.uint8)
 
@@ -615,9 +633,7 @@ def quantize_blockwise(
   _validation.positive_int("block_size", block_size)
   table = _dynamic_code_map(bool(signed))
   code_map = jnp.asarray(table)
-  flat = jnp.ravel(x).astype(jnp.float32)
-  pad = num_groups(flat.size, block_size) * block_size - flat.size
-  blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
+  blocks = pad_to_groups(jnp.asarray(x, jnp.float32), block_size)
   absmax = jnp.max(jnp.abs(blocks), axis=1)
   safe = jnp.where(absmax > 0, absmax, 1.0)
   normed = blocks / safe[:, None]
@@ -638,8 +654,8 @@ def dequantize_blockwise(
 ) -> jax.Array:
   """Inverse of :func:`quantize_blockwise`, float32 of ``shape``."""
   code_map = jnp.asarray(_dynamic_code_map(bool(signed)))
-  x = code_map[codes.astype(jnp.int32)] * absmax[:, None]
-  return x.reshape(-1)[:math.prod(shape)].reshape(shape)
+  return from_groups(code_map[codes.astype(jnp.int32)] * absmax[:, None],
+                     shape)
 
 
 # ---------------------------------------------------------------------------
@@ -718,8 +734,8 @@ class AbsmaxQuantizedArray(_Stored):
     idx = unpack(self.codes, _absmax_bits(self.code), padded)
     table = jnp.asarray(_absmax_table(self.code))
     x = table[idx.astype(jnp.int32)].reshape(-1, self.block_size)
-    x = (x * self.absmax[:, None]).reshape(-1)[:self.size]
-    return x.reshape(self.shape).astype(self.dtype if dtype is None else dtype)
+    x = from_groups(x * self.absmax[:, None], self.shape)
+    return x.astype(self.dtype if dtype is None else dtype)
 
 
 def quantize_absmax(
@@ -775,9 +791,7 @@ def quantize_absmax(
       fn = jax.vmap(fn)
     return fn(x)
   table = jnp.asarray(table_np)
-  flat = jnp.ravel(x).astype(jnp.float32)
-  pad = num_groups(flat.size, block_size) * block_size - flat.size
-  blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
+  blocks = pad_to_groups(jnp.asarray(x, jnp.float32), block_size)
   absmax = jnp.max(jnp.abs(blocks), axis=1)
   normed = _true_divide(blocks, jnp.where(absmax > 0, absmax, 1.0)[:, None])
   idx = jnp.searchsorted((table[1:] + table[:-1]) / 2, normed)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import galore_jax
+from galore_jax import adam_8bit
 
 
 def regression(seed=0, n=256, d_in=64, d_out=96):
@@ -163,3 +164,33 @@ def test_no_update_spikes_with_sparse_inputs():
                                for v in jax.tree.leaves(u)))
     params = jax.tree.map(lambda p, v: p - 1e-3 * v, params, u)
   assert largest < 7.3
+
+
+def test_chunked_update_equals_the_whole_leaf_update(monkeypatch):
+  """Chunks of 2 blocks of 64 (3 full chunks and one block left), updated
+  in place in a loop, give the updates and states of the whole leaf at
+  once, to float rounding (XLA fuses a chunk's arithmetic differently; a
+  last-bit difference may move a code at a near-tie)."""
+  params = {"w": jnp.zeros((7, 64))}
+  grads = [{"w": jax.random.normal(jax.random.key(i), (7, 64))}
+           for i in range(3)]
+
+  def steps():
+    tx = galore_jax.scale_by_adam_8bit(block_size=64, min_8bit_size=0)
+    state, out = tx.init(params), []
+    for g in grads:
+      u, state = jax.jit(tx.update)(g, state)
+      out.append((u, state))
+    return out, jax.make_jaxpr(tx.update)(grads[0], state)
+
+  whole, jaxpr = steps()
+  assert "cond[" not in str(jaxpr)
+  monkeypatch.setattr(adam_8bit, "_CHUNK_ELEMENTS", 128)
+  chunked, jaxpr = steps()
+  assert "cond[" in str(jaxpr)  # the loop body, its own computation
+  for (u, state), (u_chunked, state_chunked) in zip(whole, chunked):
+    chex.assert_trees_all_close(u, u_chunked, rtol=1e-6, atol=1e-7)
+    for m, m_chunked in ((state.mu["w"], state_chunked.mu["w"]),
+                         (state.nu["w"], state_chunked.nu["w"])):
+      np.testing.assert_allclose(m.absmax, m_chunked.absmax, rtol=1e-6)
+      assert np.mean(np.asarray(m.codes == m_chunked.codes)) > 0.99

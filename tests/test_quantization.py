@@ -339,3 +339,36 @@ def test_float_zero_point_stochastic_quantization_is_unbiased():
   assert float(jnp.abs(back - w).max()) <= step * (1 + 1e-5)
   # 400 draws: the mean's standard error is at most step / 40.
   assert float(jnp.abs(back.mean(0) - w).max()) < 4 * step / 40
+
+
+@pytest.mark.parametrize("mode,fill", [("edge", 7), ("constant", 0)])
+def test_pad_to_groups_and_back(mode, fill):
+  x = jnp.arange(1, 8).reshape(7, 1)  # 7 values: groups of 3, 2 filled
+  groups = q.pad_to_groups(x, 3, mode)
+  np.testing.assert_array_equal(groups,
+                                [[1, 2, 3], [4, 5, 6], [7, fill, fill]])
+  assert groups.shape == (q.num_groups(7, 3), 3)
+  np.testing.assert_array_equal(q.from_groups(groups, (7, 1)), x)
+  # A size the group size divides is only reshaped.
+  np.testing.assert_array_equal(q.pad_to_groups(x[:6], 3, mode),
+                                [[1, 2, 3], [4, 5, 6]])
+
+
+@pytest.mark.parametrize("zero_point", ["float", "official"])
+def test_chunked_stochastic_quantization_is_chunk_by_chunk(monkeypatch,
+                                                           zero_point):
+  """Chunks of 4 groups of 16 (2 full, 3 groups left, the last ragged),
+  rounded in place in a loop: chunk c is the quantization of its own groups
+  with fold_in(key, c)."""
+  monkeypatch.setattr(q, "SR_CHUNK_ELEMENTS", 64)
+  x = jax.random.normal(jax.random.key(0), (11 * 16 - 5,))
+  key = jax.random.key(1)
+  quantize = lambda x, key: q.quantize_groupwise(x, 4, 16, key=key,
+                                                 zero_point=zero_point)
+  jaxpr = str(jax.make_jaxpr(quantize)(x, key))
+  assert ("scan[" in jaxpr or "while[" in jaxpr) and "cond[" in jaxpr
+  got = jax.jit(quantize)(x, key)
+  want = [quantize(x[c * 64:(c + 1) * 64], jax.random.fold_in(key, c))
+          for c in range(3)]
+  for part, parts in zip(got, zip(*want)):
+    np.testing.assert_array_equal(part, jnp.concatenate(parts))
