@@ -2,9 +2,9 @@ r"""Memory planner: which training method fits the device, before training.
 
 For each method, the bytes of weights, gradients, optimizer state and
 projectors, computed from the real transforms with ``jax.eval_shape`` (no
-allocation, seconds for a 7B model on a CPU), beside the lecture's closed
-form (``N`` params, ``M`` trainable / low-rank moment elements, ``b`` bytes
-per float of ``dtype``, ``|P|`` projector elements):
+allocation, seconds for a 7B model on a CPU), beside a closed form (``N``
+params, ``M`` trainable / low-rank moment elements, ``b`` bytes per float of
+``dtype``, ``|P|`` projector elements):
 
 =============  ========================================  =====================
 method         what it trains and stores                 closed form (bytes)
@@ -18,17 +18,17 @@ galore_8bit    all params, 8-bit low-rank moments        ``2bN + 2M + b|P|``
 q_galore       INT8 targets, 8-bit moments, INT4 proj.   ``N + 2M + |P|/2``
 =============  ========================================  =====================
 
-The closed forms are the seeds' (``16N``, ``4N + 16M``, ``N/2 + 16M``,
-``N + 2M + |proj|`` in fp32), extended to the other methods with the same
-conventions. The measured figures count what the closed forms leave out:
-gradients of every trained param (a jitted JAX step materializes them all),
-absmax/scales/zero points, float leaves outside the targets, and float32
-moments of small leaves in 8-bit Adam.
+In fp32 (``b = 4``) the adamw, lora and qlora forms are the familiar
+``16N``, ``4N + 16M`` and ``N/2 + 16M``. The measured figures count what the
+closed forms leave out: gradients of every trained param (a jitted JAX step
+materializes them all), absmax/scales/zero points, float leaves outside the
+targets, and float32 moments of small leaves in 8-bit Adam.
 
 :func:`plan_llama` with ``batch`` and ``seq`` also compiles the whole jitted
 train step of a LLaMA config for abstract inputs, with donated params and
 state, and reports XLA's memory analysis (argument + output - aliased +
-temp bytes), so activations and temporaries count too.
+temp bytes), so activations and temporaries count too. The LLaMA it
+compiles is :mod:`galore_jax.llama_plan`'s (the GaLore paper's configs).
 
 Command line (markdown table; ``--budget`` marks what fits)::
 
@@ -53,9 +53,13 @@ from galore_jax import _validation
 from galore_jax import adam_8bit
 from galore_jax import galore
 from galore_jax import layerwise as layerwise_lib
+from galore_jax import llama_plan
 from galore_jax import projection
 from galore_jax import q_galore
 from galore_jax import quantization
+# The planner's LLaMA, kept importable from here.
+from galore_jax.llama_plan import CONFIGS, LLAMA_TARGETS, LlamaConfig
+from galore_jax.llama_plan import llama_fns, llama_params
 
 __all__ = [
     "CONFIGS", "LAYERWISE_METHODS", "LLAMA_TARGETS", "METHODS", "LlamaConfig",
@@ -73,35 +77,6 @@ _LR = 1e-3  # any: the learning rate does not change a byte
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """A LLaMA shape: hidden size, MLP size, heads, layers, vocabulary."""
-  hidden: int
-  intermediate: int
-  heads: int
-  layers: int
-  vocab: int = 32000
-  rank: int = 128  # the GaLore paper's rank for this size
-
-  @property
-  def num_params(self) -> int:
-    d, i = self.hidden, self.intermediate
-    per_layer = 4 * d * d + 3 * d * i + 2 * d
-    return 2 * self.vocab * d + d + self.layers * per_layer
-
-
-# REFERENCE.md §1: the GaLore paper's configs and recipe ranks.
-CONFIGS = {
-    "llama-60m": LlamaConfig(512, 1376, 8, 8, rank=128),
-    "llama-130m": LlamaConfig(768, 2048, 12, 12, rank=256),
-    "llama-350m": LlamaConfig(1024, 2736, 16, 24, rank=256),
-    "llama-1b": LlamaConfig(2048, 5461, 32, 24, rank=512),
-    "llama-7b": LlamaConfig(4096, 11008, 32, 32, rank=1024),
-}
-# Attention and MLP kernels: what the paper projects (and LoRA adapts).
-LLAMA_TARGETS = r"^layers/(q|k|v|o|gate|up|down)$"
-
-
-@dataclasses.dataclass(frozen=True)
 class MemoryPlan:
   """Bytes one method needs, without activations unless ``compiled`` is set.
 
@@ -111,7 +86,7 @@ class MemoryPlan:
     gradients: gradient buffers of the trained params.
     optimizer_state: optimizer state other than the projectors.
     projectors: GaLore / Q-GaLore projectors and their refresh schedule.
-    closed_form: the lecture's formula (see the module docstring).
+    closed_form: the method's closed form (the module docstring's table).
     compiled: XLA's figure for the whole jitted train step (argument +
       output - aliased + temp), or None if not compiled.
   """
@@ -382,85 +357,6 @@ def compiled_bytes(fn: Callable, *args, donate_argnums=()) -> int:
              - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
-def llama_params(config: LlamaConfig, dtype: Any = jnp.float32) -> dict:
-  """Abstract LLaMA params; layers stacked: kernels ``(layers, in, out)``."""
-  d, i, n_layers = config.hidden, config.intermediate, config.layers
-  sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-  layers = {name: sds(n_layers, d, d) for name in ("q", "k", "v", "o")}
-  layers.update(gate=sds(n_layers, d, i), up=sds(n_layers, d, i),
-                down=sds(n_layers, i, d), attn_norm=sds(n_layers, d),
-                mlp_norm=sds(n_layers, d))
-  return {"embed": sds(config.vocab, d), "layers": layers,
-          "final_norm": sds(d), "lm_head": sds(d, config.vocab)}
-
-
-def _rms_norm(x, w, eps=1e-6):
-  x32 = x.astype(jnp.float32)
-  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)
-  return (x32 * w.astype(jnp.float32)).astype(x.dtype)
-
-
-def _rope(x_BxSxHxD, theta=10000.0):
-  s, h = x_BxSxHxD.shape[1], x_BxSxHxD.shape[-1] // 2
-  freq = theta ** (-jnp.arange(h, dtype=jnp.float32) / h)
-  angle = jnp.arange(s, dtype=jnp.float32)[:, None] * freq  # (S, D/2)
-  cos, sin = jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]
-  x1, x2 = jnp.split(x_BxSxHxD.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-  return out.astype(x_BxSxHxD.dtype)
-
-
-def _linear(x, w, scale):
-  """``x W``, or ``x W + scale x A B`` for a LoRA ``{"w", "a", "b"}``."""
-  if isinstance(w, dict):
-    y = x @ quantization.dequantize(w["w"], x.dtype)
-    return y + scale * ((x @ w["a"].astype(x.dtype)) @ w["b"].astype(x.dtype))
-  return x @ quantization.dequantize(w, x.dtype)
-
-
-def _llama_embed(outer, tokens_BxT):
-  return outer["embed"][tokens_BxT[:, :-1]].astype(outer["final_norm"].dtype)
-
-
-def _llama_block(layer, x_BxSxD, heads, lora_scale=1.0):
-  """One pre-norm block: causal attention with RoPE, then a SwiGLU MLP."""
-  b, s, d = x_BxSxD.shape
-  lin = lambda x, w: _linear(x, w, lora_scale)
-  h = _rms_norm(x_BxSxD, layer["attn_norm"])
-  q, k, v = (lin(h, layer[n]).reshape(b, s, heads, d // heads)
-             for n in ("q", "k", "v"))
-  att = jax.nn.dot_product_attention(_rope(q), _rope(k), v, is_causal=True)
-  x_BxSxD = x_BxSxD + lin(att.reshape(b, s, d), layer["o"])
-  h = _rms_norm(x_BxSxD, layer["mlp_norm"])
-  return x_BxSxD + lin(jax.nn.silu(lin(h, layer["gate"]))
-                       * lin(h, layer["up"]), layer["down"])
-
-
-def _llama_head(outer, x_BxSxD, tokens_BxT):
-  logits = _rms_norm(x_BxSxD, outer["final_norm"]) @ outer["lm_head"]
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), tokens_BxT[:, 1:]).mean()
-
-
-def llama_fns(config: LlamaConfig):
-  """``(embed, block, head)`` of :func:`llama_params`' LLaMA, for
-  :func:`galore_jax.layerwise_step`: ``outer`` is every entry but
-  ``layers``, ``block`` takes one layer's slice of ``layers``."""
-  block = lambda layer, x: _llama_block(layer, x, config.heads)
-  return _llama_embed, block, _llama_head
-
-
-def _llama_loss(params, tokens_BxT, config, remat, lora_scale=1.0):
-  """Next-token cross-entropy of a LLaMA (RMSNorm, RoPE, SwiGLU, causal):
-  :func:`llama_fns`' pieces, the blocks run by ``lax.scan``."""
-  x_BxSxD = _llama_embed(params, tokens_BxT)
-  block = lambda x, layer: _llama_block(layer, x, config.heads, lora_scale)
-  body = jax.checkpoint(block) if remat else block
-  x_BxSxD, _ = jax.lax.scan(lambda x, l: (body(x, l), None), x_BxSxD,
-                            params["layers"])
-  return _llama_head(params, x_BxSxD, tokens_BxT)
-
-
 def _split(tree: dict) -> tuple[Any, dict]:
   """``(tree["layers"], the rest)``: blocks and outer params."""
   return tree["layers"], {k: v for k, v in tree.items() if k != "layers"}
@@ -523,10 +419,10 @@ def llama_train_step(method: str, config: LlamaConfig, params: dict, *,
 
   tx = _optimizer(method, rank, tree_mask, update_proj_gap)
   state = _made(tx.init, params)
-  loss = lambda p, t: _llama_loss(p, t, config, remat)
+  loss = lambda p, t: llama_plan.llama_loss(p, t, config, remat)
   if method == "q_galore":
     # INT8 kernels quantized per layer: the scan body dequantizes one
-    # layer at a time (`_linear`), and the gradients are taken w.r.t. the
+    # layer at a time (`llama_plan.llama_loss`), and the gradients are taken w.r.t. the
     # dequantized weights without a float copy of the model.
     def q_step(carry, tokens_BxT):
       qparams, state, key = carry
@@ -605,8 +501,8 @@ def _compiled_step(method, config, params, mask, rank, tokens, remat,
       def lora_loss(train):
         leaves = [dict(w=frozen[k], **train[k]) if k in train else frozen[k]
                   for k in keys]
-        return _llama_loss(jax.tree.unflatten(treedef, leaves), tokens, config,
-                           remat)
+        return llama_plan.llama_loss(
+            jax.tree.unflatten(treedef, leaves), tokens, config, remat)
       value, grads = jax.value_and_grad(lora_loss)(train)
       updates, state = tx.update(grads, state, train)
       return optax.apply_updates(train, updates), state, value

@@ -9,7 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
+from examples.llama import models as llama_models
 import galore_jax
+from galore_jax import llama_plan
 from galore_jax import lora
 from galore_jax import memory
 from tests.test_lora import Block
@@ -137,8 +139,46 @@ def test_compiled_train_steps_of_a_tiny_llama():
       lambda s: 0.02 * jax.random.normal(jax.random.key(0), s.shape, s.dtype),
       memory.llama_params(config))
   tokens = jnp.arange(34).reshape(2, 17) % 256
-  loss = memory._llama_loss(params, tokens, config, remat=False)
+  loss = llama_plan.llama_loss(params, tokens, config)
   assert abs(float(loss) - math.log(256)) < 0.1
+
+
+def example_llama_params(state):
+  """A state of the LLaMA example's scanned model (params or gradients,
+  ``nnx.State``) as :mod:`galore_jax.llama_plan` params."""
+  p = nnx.to_pure_dict(state)
+  layers = p["layers"]
+  return {
+      "embed": p["embed"]["embedding"], "final_norm": p["norm"]["scale"],
+      "lm_head": p["lm_head"]["kernel"],
+      "layers": {**{n: layers["attn"][n]["kernel"] for n in "qkvo"},
+                 **{n: layers["mlp"][n]["kernel"]
+                    for n in ("gate", "up", "down")},
+                 "attn_norm": layers["attn_norm"]["scale"],
+                 "mlp_norm": layers["mlp_norm"]["scale"]}}
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_planner_llama_loss_is_the_example_models(remat):
+  """The planner compiles its own flax-free LLaMA; for the example model's
+  weights its loss (and gradient) is the example's, so the two cannot drift
+  apart."""
+  cfg = llama_models.CONFIGS["llama-tiny"]
+  model = llama_models.Llama(cfg, rngs=nnx.Rngs(0), scan_layers=True)
+  params = example_llama_params(nnx.state(model, nnx.Param))
+  config = llama_plan.LlamaConfig(cfg.hidden, cfg.intermediate, cfg.heads,
+                                  cfg.layers, vocab=cfg.vocab)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      lambda s: s.shape, llama_plan.llama_params(config))
+  tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, cfg.vocab)
+  want, want_grad = nnx.value_and_grad(
+      lambda m: llama_models.loss_fn(m, tokens))(model)
+  got, grad = jax.value_and_grad(llama_plan.llama_loss)(params, tokens,
+                                                        config, remat)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grad),
+                  jax.tree.leaves(example_llama_params(want_grad))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_compiled_bytes_counts_donation():
