@@ -8,11 +8,15 @@ norm scales; ``loss_fn`` runs them as a cheap stand-in for the block.
 import jax
 import jax.numpy as jnp
 
+from galore_jax import llama_plan
+from galore_jax.llama_plan import rms_norm
+
 
 def kernel_shapes(hidden, ffn):
-  return {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden),
-          "o": (hidden, hidden), "gate": (hidden, ffn), "up": (hidden, ffn),
-          "down": (ffn, hidden)}
+  """``{name: (in, out)}`` of one layer's kernels, the planner LLaMA's."""
+  layer = llama_plan.llama_params(
+      llama_plan.LlamaConfig(hidden, ffn, heads=1, layers=1))["layers"]
+  return {name: x.shape[1:] for name, x in layer.items() if x.ndim == 3}
 
 
 def init_params(key, hidden, ffn, layers):
@@ -24,10 +28,6 @@ def init_params(key, hidden, ffn, layers):
       layer[name] = jax.random.normal(sub, shape) * shape[0] ** -0.5
     params[f"layer_{i}"] = layer
   return params
-
-
-def rms_norm(x, scale):
-  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
 
 
 def loss_fn(params, x_TxD):
