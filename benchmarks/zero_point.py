@@ -78,14 +78,13 @@ def projector_errors(grads, mask, rank, bits):
                                       mask=mask, proj_bits=bits,
                                       proj_zero_point=scheme)
     _, qst = tx.update(grads, tx.init(grads))
-    flat = jax.tree_util.tree_flatten_with_path(
-        grads, is_leaf=lambda x: x is None)[0]
-    for path, g in flat:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        grads, is_leaf=lambda x: x is None)
+    for (path, g), p, q in zip(flat, treedef.flatten_up_to(st.projector),
+                               treedef.flatten_up_to(qst.projector)):
       name = memory.path_str(path)
-      p = _get(st.projector, path)
       if isinstance(p, optax.MaskedNode):
         continue
-      q = _get(qst.projector, path)
       row = not isinstance(p.row, optax.MaskedNode)
       mat = _matrix(p)
       deq = quantization.QuantizedArray(
@@ -96,12 +95,6 @@ def projector_errors(grads, mask, rank, bits):
           lambda P: jnp.sum((g @ P) ** 2))
       out[scheme].append((name, err, float(keep(deq) / keep(mat))))
   return out
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[getattr(k, "key", getattr(k, "idx", None))]
-  return tree
 
 
 def train_runs(args):
