@@ -791,9 +791,8 @@ def add_stochastic(p: quantization.QuantizedArray, u: jax.Array,
   """One leaf of :func:`apply_updates_stochastic`: ``p + u`` requantized.
 
   Chunks of whole groups (about ``SR_CHUNK_ELEMENTS`` values, a multiple of
-  the codes per byte) go through a ``fori_loop`` whose body is its own
-  computation (:func:`galore_jax._inplace.unfused`), so the new codes
-  overwrite the old ones in place; chunk ``c`` rounds with
+  the codes per byte) are requantized in place by
+  :func:`galore_jax._inplace.update_chunks`: chunk ``c`` rounds with
   ``fold_in(key, c)``, and the rest (the last chunk, short or ragged) with
   ``fold_in(key, chunks)``. A leaf quantized per slice (leading
   ``batch_shape``, e.g. stacked layers) is requantized slice after slice in
@@ -802,32 +801,11 @@ def add_stochastic(p: quantization.QuantizedArray, u: jax.Array,
   if p.batch_shape:
     return _add_stochastic_per_slice(p, u, key)
   g, k = p.group_size, quantization.codes_per_byte(p.bits)
-  flat_u = jnp.ravel(u)
   per = max(k, quantization.SR_CHUNK_ELEMENTS // g // k * k)  # groups
-  full = p.size // g // per
-  if full == 0:
-    codes, scales, zeros = _requantize(p, p.codes, p.scales, p.zeros,
-                                       flat_u, key)
-    return dataclasses.replace(p, codes=codes, scales=scales, zeros=zeros)
-  span = (per * g // k, per, per, per * g)  # codes, scales, zeros, values
-
-  def compute(c, *arrays):
-    take = [jax.lax.dynamic_slice_in_dim(a, c * n, n)
-            for a, n in zip(arrays, span)]
-    return _requantize(p, *take, jax.random.fold_in(key, c))
-
-  def body(c, carry):
-    new = _inplace.unfused(c >= 0, compute, c, *carry, flat_u)
-    return tuple(jax.lax.dynamic_update_slice_in_dim(a, x, c * n, 0)
-                 for a, x, n in zip(carry, new, span))
-
-  carry = jax.lax.fori_loop(0, full, body, (p.codes, p.scales, p.zeros))
-  start = [full * n for n in span]
-  if start[1] < p.scales.shape[0]:
-    rest = [a[s:] for a, s in zip((*carry, flat_u), start)]
-    new = _requantize(p, *rest, jax.random.fold_in(key, full))
-    carry = tuple(a.at[s:].set(x) for a, x, s in zip(carry, new, start))
-  codes, scales, zeros = carry
+  codes, scales, zeros = _inplace.update_chunks(
+      lambda *chunk: _requantize(p, *chunk),
+      (p.codes, p.scales, p.zeros, jnp.ravel(u)),
+      (per * g // k, per, per, per * g), key=key)
   return dataclasses.replace(p, codes=codes, scales=scales, zeros=zeros)
 
 
