@@ -25,6 +25,7 @@ from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 import galore_jax
 from galore_jax import memory
+from tests.test_memory import example_llama_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = model_lib.CONFIGS["llama-tiny"]
@@ -388,16 +389,7 @@ def test_the_planners_llama_is_the_examples_llama():
   example's weights it computes the example's loss, so its figures are the
   example model's."""
   model = _tiny(scan_layers=True)
-  p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  layers = p["layers"]
-  params = {
-      "embed": p["embed"]["embedding"], "final_norm": p["norm"]["scale"],
-      "lm_head": p["lm_head"]["kernel"],
-      "layers": {**{n: layers["attn"][n]["kernel"] for n in "qkvo"},
-                 **{n: layers["mlp"][n]["kernel"]
-                    for n in ("gate", "up", "down")},
-                 "attn_norm": layers["attn_norm"]["scale"],
-                 "mlp_norm": layers["mlp_norm"]["scale"]}}
+  params = example_llama_params(nnx.state(model, nnx.Param))
   config = memory.LlamaConfig(TINY.hidden, TINY.intermediate, TINY.heads,
                               TINY.layers, vocab=TINY.vocab)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
