@@ -23,7 +23,7 @@ from _llama_stack import init_params as _init_params
 from _llama_stack import kernel_shapes
 from _llama_stack import loss_fn
 
-# LLaMA-60M (REFERENCE.md §1): hidden 512, intermediate 1376, 8 layers.
+# LLaMA-60M (the GaLore paper's config): hidden 512, intermediate 1376, 8 layers.
 HIDDEN, FFN, LAYERS = 512, 1376, 8
 MATRICES = kernel_shapes(HIDDEN, FFN)
 

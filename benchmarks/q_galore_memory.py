@@ -1,9 +1,9 @@
 """Optimizer-state and weight bytes of Q-GaLore vs GaLore, 8-bit and fp32 AdamW.
 
-How much memory does each optimizer's state take on the paper's LLaMA configs
-(REFERENCE.md §1), and does Q-GaLore meet the project's targets: state at most
-0.25x galore_adamw's, and adamw_8bit's at most 0.27x adamw's? Also: weight bytes
-in fp32 / bf16 / int8 next to the seeds' closed form N + 2M + |proj| (§5).
+How much memory does each optimizer's state take on the GaLore paper's LLaMA
+configs, and does Q-GaLore meet its targets: state at most 0.25x galore_adamw's,
+and adamw_8bit's at most 0.27x adamw's? Also: weight bytes in fp32 / bf16 /
+int8 next to the closed form N + 2M + |proj|.
 
 Everything comes from `jax.eval_shape` of `opt.init` / `quantize_params` on
 abstract float32 params: nothing is allocated, it runs in seconds on a CPU.

@@ -80,7 +80,7 @@ class Config:
 
 BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD (see input_pipeline.ByteTokenizer)
 
-# The paper's configs (REFERENCE.md §1) and CPU-size ones. Names give the
+# The GaLore paper's LLaMA configs (arXiv:2403.03507, appendix) and CPU-size ones. Names give the
 # size with the paper's 32000-token vocabulary, except the byte-level CPU
 # configs, whose size is given with the byte vocabulary they are meant for.
 CONFIGS = {
