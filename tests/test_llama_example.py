@@ -25,7 +25,6 @@ from examples.llama import methods as methods_lib
 from examples.llama import train as train_lib
 import galore_jax
 from galore_jax import memory
-from tests.test_memory import example_llama_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = model_lib.CONFIGS["llama-tiny"]
@@ -382,28 +381,6 @@ def _rel(a, b):
   return max(float(np.linalg.norm(np.asarray(x, np.float32) - y)
                    / np.linalg.norm(np.asarray(y, np.float32)))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def test_the_planners_llama_is_the_examples_llama():
-  """galore_jax.memory compiles its own (flax-free) LLaMA; with the
-  example's weights it computes the example's loss, so its figures are the
-  example model's."""
-  model = _tiny(scan_layers=True)
-  params = example_llama_params(nnx.state(model, nnx.Param))
-  config = memory.LlamaConfig(TINY.hidden, TINY.intermediate, TINY.heads,
-                              TINY.layers, vocab=TINY.vocab)
-  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-      lambda s: s.shape, memory.llama_params(config))
-  tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, TINY.vocab)
-  want = model_lib.loss_fn(model, tokens)
-  embed, block, head = memory.llama_fns(config)  # the layerwise pieces
-  x = embed(params, tokens)
-  for l in range(TINY.layers):
-    x = block(jax.tree.map(lambda a: a[l], params["layers"]), x)
-  np.testing.assert_allclose(head(params, x, tokens), want, rtol=1e-6)
-  step, carry = memory.llama_train_step("adamw", config, params, rank=16)
-  _, loss = jax.jit(step)(carry, tokens)  # the plain step's loss
-  np.testing.assert_allclose(loss, want, rtol=1e-6)
 
 
 def test_layerwise_gradients_equal_the_plain_gradients():

@@ -179,6 +179,15 @@ def test_planner_llama_loss_is_the_example_models(remat):
   for a, b in zip(jax.tree.leaves(grad),
                   jax.tree.leaves(example_llama_params(want_grad))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  embed, block, head = llama_plan.llama_fns(config)  # the layerwise pieces
+  x = embed(params, tokens)
+  for l in range(cfg.layers):
+    x = block(jax.tree.map(lambda a, l=l: a[l], params["layers"]), x)
+  np.testing.assert_allclose(head(params, x, tokens), want, rtol=1e-6)
+  step, carry = memory.llama_train_step("adamw", config, params, rank=16,
+                                        remat=remat)
+  _, loss = jax.jit(step)(carry, tokens)  # the plain step's loss
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
 
 
 def test_compiled_bytes_counts_donation():
