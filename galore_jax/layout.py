@@ -90,9 +90,6 @@ def declares(node: Any) -> bool:
       node, tuple)
 
 
-Recurse = Callable[[Any, dict], Any]
-
-
 def normalize_path(path: KeyPath) -> KeyPath:
   """Drops a trailing ``.value`` key (a Flax NNX ``Variable`` node).
 

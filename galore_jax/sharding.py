@@ -67,7 +67,8 @@ def _mesh_axes(entry: Any) -> tuple:
 
 
 def _param_table(params: Any, param_shardings: Any):
-  """``{param path: (shape, per-axis spec, sharding)}`` and the mesh."""
+  """``{param path: the param's own View}`` and the mesh; each view's
+  ``param`` is ``(shape, per-axis spec, sharding)``."""
   with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   try:
     shardings = treedef.flatten_up_to(param_shardings)
@@ -94,7 +95,8 @@ def _param_table(params: Any, param_shardings: Any):
 
 
 def _owner(path: _KeyPath, table: dict):
-  """The param whose path is the longest run of keys inside ``path``."""
+  """The view of the param whose path is the longest run of keys inside
+  ``path`` (None if none)."""
   best = None
   for i in range(len(path) + 1):
     for j in range(len(path), i - 1, -1):
