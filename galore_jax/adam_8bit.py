@@ -70,7 +70,8 @@ class ScaleByAdam8bitState(NamedTuple):
     moment = lambda path, x: _moment_layout(views.get(path), x)
     is_codes = lambda x: isinstance(x, BlockwiseCodes)
     return ScaleByAdam8bitState(
-        count=layout.replicated(np.shape(self.count)),
+        count=jax.tree.map(lambda c: layout.replicated(np.shape(c)),
+                           self.count),
         mu=layout.by_path(self.mu, moment, is_leaf=is_codes),
         nu=layout.by_path(self.nu, moment, is_leaf=is_codes))
 

@@ -61,6 +61,13 @@ def subspace_layout(state, views: dict, recurse, entry_type: type,
   def entry(path, x):
     if isinstance(x, optax.MaskedNode):
       return x
+    if not isinstance(x, entry_type):
+      # A record a container library reshaped (a tuple or mapping): its
+      # arrays, and the moments of its leaf, are replicated.
+      for n in range(len(path)):
+        if path[:n] in low:
+          low[path[:n]] = None
+      return layout.replicated(np.shape(x))
     out, low[path] = entry_layout(views.get(path), x)
     return out
 
@@ -68,7 +75,8 @@ def subspace_layout(state, views: dict, recurse, entry_type: type,
       state.projector, entry,
       is_leaf=lambda x: isinstance(x, (entry_type, optax.MaskedNode)))
   return type(state)(
-      count=layout.replicated(np.shape(state.count)),
+      count=jax.tree.map(lambda c: layout.replicated(np.shape(c)),
+                         state.count),
       projector=projector,
       base_state=recurse(state.base_state, low))
 

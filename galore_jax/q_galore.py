@@ -121,6 +121,9 @@ def _projector_layout(view, st):
   rest are replicated (the codes hold the rank axis in their flattened
   rows; at an eighth of a float32 projector they are the smallest part)."""
   side = getattr(type(st), "side", None)
+  if view is not None and len(view.shape) >= 2 and side is not None and (
+      np.shape(st.vector)[-1] != view.shape[-2 if side == "row" else -1]):
+    view = None  # custom dim_numbers: the matrix is not the last two axes
   each = lambda x: (layout.per_layer(view, np.shape(x))
                     if view is not None and len(view.shape) >= 2
                     and np.shape(x)[:len(view.shape) - 2] == view.shape[:-2]

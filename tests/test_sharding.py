@@ -278,6 +278,8 @@ def test_nnx_optimizer_state_resharded():
   param_sh = nnx.get_named_sharding(params, mesh)
   nnx.update(model, jax.device_put(params, param_sh))
   sh = galore_jax.state_sharding(tx, params, param_sh, state=opt.opt_state)
+  # A tree like the state, its OptVariable wrappers (count's too) kept.
+  jax.tree.map(lambda x, s: None, opt.opt_state, sh)
   assert tuple(sh[0].projector["l1"]["kernel"].get_value().col.spec) == (
       None, None)  # `out` is unsplit and 36 does not split over 8: whole
   assert tuple(sh[0].base_state.mu["l1"]["kernel"].get_value().spec) == (
