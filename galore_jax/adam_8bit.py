@@ -70,8 +70,7 @@ class ScaleByAdam8bitState(NamedTuple):
     moment = lambda path, x: _moment_layout(views.get(path), x)
     is_codes = lambda x: isinstance(x, BlockwiseCodes)
     return ScaleByAdam8bitState(
-        count=jax.tree.map(lambda c: layout.replicated(np.shape(c)),
-                           self.count),
+        count=layout.replicated_tree(self.count),
         mu=layout.by_path(self.mu, moment, is_leaf=is_codes),
         nu=layout.by_path(self.nu, moment, is_leaf=is_codes))
 
@@ -80,7 +79,7 @@ def _moment_layout(view, x):
   if isinstance(x, BlockwiseCodes):
     codes = tuple(np.shape(x.codes))
     if view is None:
-      return jax.tree.map(lambda a: layout.replicated(np.shape(a)), x)
+      return layout.replicated_tree(x)
     return BlockwiseCodes(codes=layout.Blocks(view, codes, "codes"),
                           absmax=layout.Blocks(view, codes, "absmax"))
   shape = tuple(np.shape(x))

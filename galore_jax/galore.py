@@ -75,8 +75,7 @@ def subspace_layout(state, views: dict, recurse, entry_type: type,
       state.projector, entry,
       is_leaf=lambda x: isinstance(x, (entry_type, optax.MaskedNode)))
   return type(state)(
-      count=jax.tree.map(lambda c: layout.replicated(np.shape(c)),
-                         state.count),
+      count=layout.replicated_tree(state.count),
       projector=projector,
       base_state=recurse(state.base_state, low))
 
@@ -86,8 +85,7 @@ def _projectors_layout(view, proj):
   the view of its low-rank gradient. A leaf whose matrix view is not its
   last two axes (custom ``dim_numbers`` that move or merge axes) has
   projectors of other shapes: they, and its moments, are replicated."""
-  replicate = lambda: (jax.tree.map(
-      lambda x: layout.replicated(np.shape(x)), proj), None)
+  replicate = lambda: (layout.replicated_tree(proj), None)
   if view is None or not isinstance(proj, projection.Projectors) or (
       len(view.shape) < 2):
     return replicate()

@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import numpy as np
 
 KeyPath = tuple
 
@@ -82,6 +83,11 @@ def own_view(shape: tuple[int, ...], param: Any = None) -> View:
 def replicated(shape: tuple[int, ...]) -> View:
   """An array that follows no param axis (counts, keys, hyperparameters)."""
   return View(tuple(shape), ((),) * len(shape), None)
+
+
+def replicated_tree(tree: Any) -> Any:
+  """:func:`replicated` for every array of ``tree``, its containers kept."""
+  return jax.tree.map(lambda x: replicated(np.shape(x)), tree)
 
 
 def declares(node: Any) -> bool:
