@@ -14,6 +14,10 @@ judged against train low-rank *weights* instead:
   forward pass.
 * **Low-rank factorized layers** (:class:`LowRankLinear`): ``W = A B``
   outright, no frozen base, both factors trained.
+* **Partial fine-tuning** (:func:`freeze`): every param frozen but the
+  matching ones, e.g. the output head alone (a classifier on a frozen
+  backbone: no backward pass beyond the head) or the input embedding and
+  the head (input adapters).
 
 Frozen weights live in :class:`Frozen` variables, which are not ``nnx.Param``:
 ``nnx.grad`` and ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` differentiate
@@ -61,7 +65,7 @@ from galore_jax import quantization
 
 __all__ = [
     "ALL_LINEAR", "ATTENTION", "MLP", "QUANTIZE_BASE", "Frozen", "LoRALinear",
-    "LowRankLinear", "apply", "merge", "linear_paths",
+    "LowRankLinear", "apply", "freeze", "merge", "linear_paths",
 ]
 
 # `targets` presets, matched with `re.search` against "/"-joined module paths
@@ -395,10 +399,61 @@ def apply(
     _set(model, path, LoRALinear.from_linear(
         linear, rank, alpha=alpha, dropout=dropout,
         quantize_base=quantize_base, block_size=block_size, rngs=rngs))
+  _freeze_params(model, keep)
+  return model
+
+
+def _freeze_params(model: nnx.Module, keep) -> None:
+  """Every ``nnx.Param`` but the adapters and those whose path ``keep``
+  accepts becomes :class:`Frozen`."""
   for path, var in list(nnx.iter_graph(model)):
     if (isinstance(var, nnx.Param) and not isinstance(var, nnx.LoRAParam)
         and not keep(path)):
       _set(model, path, Frozen(var.get_value()))
+
+
+def freeze(model: nnx.Module, trainable: Any) -> nnx.Module:
+  """Freezes every ``nnx.Param`` of ``model`` except those ``trainable``
+  matches, in place: partial fine-tuning without adapters.
+
+  The frozen params become :class:`Frozen`, as in :func:`apply`, so
+  ``nnx.Param`` filters select the trainable ones alone, and a jitted step
+  differentiates only those: with ``trainable`` the output head, no
+  backward pass runs through the frozen backbone. :func:`merge` makes
+  every param an ``nnx.Param`` again.
+
+  Args:
+    model: a Flax NNX model.
+    trainable: regex searched in each param's "/"-joined path (module path
+      and attribute, e.g. ``"lm_head/kernel"``, ``"embed/embedding"``).
+
+  Returns:
+    ``model``, with only the matching params left as ``nnx.Param``.
+
+  Raises:
+    ValueError: ``trainable`` is not a valid regex or matches no param.
+
+  Examples:
+    >>> import jax
+    >>> from flax import nnx
+    >>> from galore_jax import lora
+    >>> model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(32, 4, rngs=nnx.Rngs(1)))
+    >>> model = lora.freeze(model, r"^layers/2/")  # the classifier alone
+    >>> [x.shape for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    [(4,), (32, 4)]
+  """
+  trainable_re = _compile(trainable, "trainable")
+  if trainable_re is None:
+    raise TypeError("`trainable` must be a regex string, got None")
+  paths = [_path_str(p) for p, v in nnx.iter_graph(model)
+           if isinstance(v, nnx.Param)]
+  keep = lambda path: bool(trainable_re.search(_path_str(path)))
+  if not any(trainable_re.search(p) for p in paths):
+    raise ValueError(f"`trainable` {trainable_re.pattern!r} matches no"
+                     f" nnx.Param of the model; its param paths are:"
+                     f" {', '.join(paths) or 'none'}")
+  _freeze_params(model, keep)
   return model
 
 

@@ -729,7 +729,15 @@ class AbsmaxQuantizedArray(_Stored):
     return self.codes.size + self.absmax.size * self.absmax.dtype.itemsize
 
   def dequantize(self, dtype: Any = None) -> jax.Array:
-    """``table[code] * absmax`` in ``dtype`` (default :attr:`dtype`)."""
+    """``table[code] * absmax`` in ``dtype`` (default :attr:`dtype`); codes
+    quantized with ``batch_dims`` give the whole stacked array, each slice
+    dequantized on its own."""
+    if self.codes.ndim > 1:  # leading batch axes (quantize_absmax's)
+      fn = lambda codes, absmax: dataclasses.replace(
+          self, codes=codes, absmax=absmax).dequantize(dtype)
+      for _ in range(self.codes.ndim - 1):
+        fn = jax.vmap(fn)
+      return fn(self.codes, self.absmax)
     padded = num_groups(self.size, self.block_size) * self.block_size
     idx = unpack(self.codes, _absmax_bits(self.code), padded)
     table = jnp.asarray(_absmax_table(self.code))

@@ -216,6 +216,19 @@ def test_stacked_kernels_are_quantized_per_layer():
     qi = jax.tree.map(lambda a: a[i], q)
     np.testing.assert_array_equal(
         qi.dequantize(), quantization.quantize_absmax(w[i], "nf4").dequantize())
+  # The stacked codes dequantize whole, slice by slice, and merge so.
+  whole = np.asarray(layer.base_kernel())
+  assert whole.shape == (3, 16, 8)
+  for i in range(3):
+    np.testing.assert_array_equal(
+        whole[i], quantization.quantize_absmax(w[i], "nf4").dequantize())
+  x = jax.random.normal(jax.random.key(1), (3, 5, 16))
+  layer.lora_b[...] = jax.random.normal(jax.random.key(2), (3, 2, 8))
+  want = jax.vmap(lambda k, a, b, xi: xi @ k + xi @ a @ b)(
+      whole, layer.lora_a[...], layer.lora_b[...], x)
+  merged = lora.merge(nnx.Dict(l=layer))["l"]
+  np.testing.assert_allclose(
+      jax.vmap(lambda k, xi: xi @ k)(merged.kernel[...], x), want, atol=1e-5)
 
 
 def test_no_gradient_of_the_base_weight_is_materialized():
