@@ -207,6 +207,83 @@ def test_hf_errors(hf_models, tmp_path):
     hf.read_config(tmp_path)
 
 
+def _perturbed(model, scale=0.1, seed=3):
+  """``model`` with every param moved by ``scale`` normal noise, so that
+  logits are large and a wrong mapping cannot hide (in place)."""
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  nnx.update(model, jax.tree.unflatten(treedef, [
+      x + scale * jax.random.normal(k, x.shape, x.dtype)
+      for x, k in zip(leaves, keys)]))
+  return model
+
+
+@pytest.mark.parametrize("tie,scan_layers", [(False, False), (True, True),
+                                             (False, True)])
+def test_save_hf_loads_in_transformers_and_back(tmp_path, tie, scan_layers):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  model = _perturbed(_tiny(cfg=dict(vocab=101, kv_heads=2, rope_theta=5000.0,
+                                    norm_eps=1e-5, tie_embeddings=tie),
+                           scan_layers=scan_layers))
+  tokens = np.random.default_rng(0).integers(0, 101, (2, 16))
+  want = np.asarray(model(jnp.asarray(tokens)))
+  hf.save(model, tmp_path / "hf")
+  assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+      "config.json", "model.safetensors"]  # no temporary files left
+  theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+  with torch.no_grad():
+    got = theirs.eval()(torch.tensor(tokens)).logits.numpy()
+  assert np.abs(want).max() > 1.0
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # --init-from reads it back to the same params, into either layout.
+  cfg = hf.read_config(tmp_path / "hf")
+  assert cfg == dataclasses.replace(model.cfg, rank=cfg.rank, lr=cfg.lr)
+  for scan in (False, True):
+    again = model_lib.Llama(cfg, scan_layers=scan, rngs=nnx.Rngs(9))
+    hf.load_into(again, tmp_path / "hf")
+    got = np.asarray(again(jnp.asarray(tokens)))
+    if scan == scan_layers:  # the same params, the same program
+      np.testing.assert_array_equal(got, want)
+    else:
+      np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_save_hf_keeps_bf16_and_refuses_to_overwrite(tmp_path):
+  model = _tiny(param_dtype=jnp.bfloat16)
+  hf.save(model, tmp_path)
+  header = hf.read_safetensors(tmp_path / "model.safetensors")
+  assert {x.dtype for x in header.values()} == {np.dtype(jnp.bfloat16)}
+  assert json.loads((tmp_path / "config.json").read_text())[
+      "torch_dtype"] == "bfloat16"
+  before = (tmp_path / "model.safetensors").read_bytes()
+  with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+    hf.save(_tiny(), tmp_path)
+  assert (tmp_path / "model.safetensors").read_bytes() == before
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(FileExistsError, match="is a file"):
+    hf.save(model, tmp_path / "file")
+
+
+@pytest.mark.parametrize("quantize_base", [None, "nf4"])
+def test_save_hf_merges_lora(tmp_path, quantize_base):
+  model = _perturbed(_tiny(scan_layers=True))
+  galore_jax.lora.apply(model, 4, targets=methods_lib.LORA_TARGETS["all"],
+                        quantize_base=quantize_base, rngs=nnx.Rngs(1))
+  _perturbed(model)  # B != 0: the adapters change the logits
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, TINY.vocab,
+                                                         (2, 16)))
+  want = np.asarray(model(tokens))
+  hf.save(model, tmp_path)
+  assert type(model.layers.attn.q).__name__ == "LoRALinear"  # not merged
+  plain = model_lib.Llama(hf.read_config(tmp_path), scan_layers=True,
+                          rngs=nnx.Rngs(0))
+  hf.load_into(plain, tmp_path)
+  np.testing.assert_allclose(np.asarray(plain(tokens)), want, atol=1e-4,
+                             rtol=0)
+
+
 # ---------------------------------------------------------------------------
 # Data.
 
@@ -307,6 +384,80 @@ def test_each_method_decreases_the_loss(tmp_path, method):
   assert result["final_val_loss"] < np.log(TINY.vocab)
   assert result["xla_memory"]["total"] > 0 and result["tokens_per_s"] > 0
   assert result["params"] == TINY.num_params
+
+
+@pytest.mark.parametrize("targets,adapted", [
+    ("all", {"q", "k", "v", "o", "gate", "up", "down"}),
+    ("attention", {"q", "k", "v", "o"}), ("mlp", {"gate", "up", "down"})])
+def test_lora_targets_presets(targets, adapted):
+  config = configs.Config(model="llama-tiny", method="lora",
+                          lora_targets=targets, rank=4)
+  model = _tiny()
+  m = methods_lib.build("lora", model, config)
+  got = {p[-1] for p, node in nnx.iter_graph(model)
+         if isinstance(node, galore_jax.lora.LoRALinear)}
+  assert got == adapted
+  trained = {memory.path_str(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(m.train)[0]}
+  assert {p.split("/")[-2] for p in trained if "lora_" in p} == adapted
+
+
+@pytest.mark.parametrize("method,trained", [
+    ("head", {"lm_head/kernel"}),
+    ("adapters", {"embed/embedding", "lm_head/kernel"})])
+def test_partial_fine_tuning_trains_only_its_params(tmp_path, method,
+                                                    trained):
+  out = tmp_path / "out"
+  assert main_lib.main(_args(out, method, "--lr", "0.01", "--save-hf",
+                             str(tmp_path / "hf"), steps=3)) == 0
+  m = methods_lib.build(method, _tiny(), configs.Config(
+      model="llama-tiny", method=method))
+  assert {memory.path_str(p) for p, _ in
+          jax.tree_util.tree_flatten_with_path(m.train)[0]} == trained
+  # Everything else leaves the run as it came in (same seed, same init).
+  start = nnx.to_pure_dict(nnx.state(train_lib.build_model(
+      configs.Config(model="llama-tiny"), TINY.vocab), nnx.Param))
+  end = model_lib.Llama(hf.read_config(tmp_path / "hf"), rngs=nnx.Rngs(5))
+  hf.load_into(end, tmp_path / "hf")
+  end = nnx.to_pure_dict(nnx.state(end, nnx.Param))
+  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(start)[0],
+                               jax.tree_util.tree_flatten_with_path(end)[0]):
+    same = np.array_equal(np.asarray(a), np.asarray(b))
+    assert same != (memory.path_str(path) in trained), memory.path_str(path)
+
+
+def test_head_needs_an_untied_head():
+  model = _tiny(cfg=dict(tie_embeddings=True))
+  with pytest.raises(ValueError, match="ties its head to the input"):
+    methods_lib.build("head", model, configs.Config(method="head"))
+
+
+def test_save_hf_after_training_and_fine_tune_from_it(tmp_path, capsys):
+  """A q_galore run exports dequantized weights; --init-from fine-tunes
+  them with qlora; --save-hf never overwrites, and refuses before
+  training."""
+  hf_dir = tmp_path / "hf"
+  assert main_lib.main(_args(tmp_path / "a", "q_galore", "--save-hf",
+                             str(hf_dir), steps=2)) == 0
+  assert "wrote a Hugging Face checkpoint" in capsys.readouterr().out
+  assert hf.read_config(hf_dir).num_params == TINY.num_params
+  assert main_lib.main(_args(tmp_path / "b", "qlora", "--init-from",
+                             str(hf_dir), "--lora-targets", "attention",
+                             "--save-hf", str(tmp_path / "hf2"),
+                             steps=2)) == 0
+  before = (hf_dir / "model.safetensors").read_bytes()
+  assert main_lib.main(_args(tmp_path / "c", "adamw", "--save-hf",
+                             str(hf_dir), steps=2)) == 2
+  assert "already holds a checkpoint" in capsys.readouterr().err
+  assert not (tmp_path / "c").exists() or not list(
+      (tmp_path / "c").rglob("metrics.jsonl"))  # refused before training
+  assert (hf_dir / "model.safetensors").read_bytes() == before
+  # --compare writes DIR/<method>.
+  assert main_lib.main(_args(tmp_path / "d", "adamw", "--compare",
+                             "head,adapters", "--save-hf",
+                             str(tmp_path / "hf3"), steps=1)) == 0
+  assert sorted(p.name for p in (tmp_path / "hf3").iterdir()) == [
+      "adapters", "head"]
 
 
 def test_galore_projects_only_attention_and_mlp_kernels(tmp_path):
@@ -534,7 +685,8 @@ def test_state_fields_are_derived_from_the_field_metadata(tmp_path):
       "model", "init_from", "method", "rank", "svd", "on_refresh",
       "zero_point", "clip", "clip_mode", "dtype", "param_dtype",
       "scan_layers", "batch_size", "seq_len", "grad_accum", "seed", "data",
-      "tokenizer", "lora_alpha", "lora_trainable", "layerwise"}
+      "tokenizer", "lora_alpha", "lora_targets", "lora_trainable",
+      "layerwise"}
 
   @dataclasses.dataclass(frozen=True)
   class Wider(configs.Config):
@@ -575,7 +727,12 @@ def test_cli_errors(tmp_path, capsys):
                    (["--lora-alpha", "0"], "--lora-alpha must be > 0"),
                    (["--seed", "-1"], "--seed must be >= 0"),
                    (["--update-proj-gap", str(2**31)],
-                    "--update-proj-gap must be <= 2**30")]:
+                    "--update-proj-gap must be <= 2**30"),
+                   (["--method", "galore", "--lora-targets", "mlp"],
+                    "--lora-targets applies to --method lora or qlora"),
+                   (["--lora-targets", "ffn"], "invalid choice"),
+                   (["--method", "head", "--layerwise"],
+                    "head train on the plain step")]:
     with pytest.raises(SystemExit) as e:
       main_lib.main(bad)
     assert e.value.code == 2 and msg in capsys.readouterr().err

@@ -80,6 +80,10 @@ class Config:
       choices=("float", "official"), state=True)
   lora_alpha: Optional[float] = flag_field(
       None, "default: the rank", convert=float, state=True)
+  lora_targets: str = flag_field(
+      "all", "the kernels LoRA / QLoRA adapt: 'all' attention and MLP"
+      " kernels, 'attention' (q, k, v, o) or 'mlp' (gate, up, down)",
+      choices=tuple(methods_lib.LORA_TARGETS), state=True)
   lora_trainable: str = flag_field(
       "embed|norm|lm_head", "regex of params LoRA / QLoRA train in full (''"
       " for none)", state=True)
@@ -121,6 +125,12 @@ class Config:
   tokenizer: Optional[str] = flag_field(
       None, "local Hugging Face tokenizer.json (default: bytes)",
       metavar="PATH", convert=str, state=True)
+  save_hf: Optional[str] = flag_field(
+      None, "at the end of the run, write the trained model to DIR as a"
+      " Hugging Face checkpoint (config.json + model.safetensors, float32;"
+      " LoRA / QLoRA merged, Q-GaLore's INT8 weights dequantized) that"
+      " transformers and --init-from load; with --compare, DIR/<method>."
+      " DIR must not hold a checkpoint already", metavar="DIR", convert=str)
   eval_every: int = flag_field(100)
   eval_batches: int = flag_field(8)
   save_every: int = flag_field(200, "checkpoint period (steps)")
@@ -228,6 +238,10 @@ def check(c: Config) -> None:
     takes = [m for m in specs if specs[m].on_refresh]
     fail(f"--on-refresh applies to --method {_join(takes)} only (the other"
          " methods keep 8-bit or no projected moments)")
+  if c.lora_targets != "all" and not any(
+      m in methods_lib.LORA_METHODS for m in names):
+    fail(f"--lora-targets applies to --method"
+         f" {_join(list(methods_lib.LORA_METHODS))}")
   if not c.galore_scale > 0:
     fail(f"--galore-scale must be > 0, got {c.galore_scale}")
   if not 0 <= c.warmup < 1:

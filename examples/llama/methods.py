@@ -1,4 +1,4 @@
-"""The seven training methods, each built once: optimizer, init and step.
+"""The training methods, each built once: optimizer, init and step.
 
 A :class:`Spec` in :data:`SPECS` says what a method is: its optimizer, how
 it stores the weights it trains (:data:`FLOAT`, or :data:`INT8` for
@@ -9,7 +9,11 @@ or a :class:`LayerwiseMethod` for ``layerwise``: the object's ``init``,
 asks which method it runs.
 
 GaLore methods project the attention and MLP kernels only; embeddings,
-norms and the LM head use AdamW in full, as in the paper. The learning rate
+norms and the LM head use AdamW in full, as in the paper. LoRA and QLoRA
+adapt the ``--lora-targets`` kernels (all, attention or MLP) and train
+``--lora-trainable`` in full. The partial fine-tuning baselines freeze the
+model but for the LM head (``head``: no backward pass through the
+backbone) or the input embedding and the head (``adapters``). The learning rate
 follows the paper's recipe: linear warmup over ``warmup`` of the steps, then
 cosine decay to ``min_lr_ratio`` of the peak.
 
@@ -43,6 +47,13 @@ from examples.llama import models
 # Attention and MLP kernels: what GaLore projects and LoRA adapts.
 TARGET_PARAMS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)/kernel$"
 TARGET_LINEARS = r"(^|/)(attn|mlp)/(q|k|v|o|gate|up|down)$"
+# --lora-targets: the linear layers LoRA and QLoRA adapt.
+LORA_TARGETS = {"all": TARGET_LINEARS,
+                "attention": r"(^|/)attn/(q|k|v|o)$",
+                "mlp": r"(^|/)mlp/(gate|up|down)$"}
+# What the partial fine-tuning methods train (everything else is frozen).
+HEAD_PARAMS = r"^lm_head/"
+ADAPTER_PARAMS = r"^(embed|lm_head)/"
 
 
 def target_mask(params: Any) -> Any:
@@ -178,15 +189,32 @@ def _lora_groups(name, rank, config, train, frozen, mask):
           "frozen": _count(frozen)}
 
 
+def _partial_groups(name, rank, config, train, frozen, mask):
+  del rank, config, mask
+  return {f"adamw ({name}: {', '.join(train)})": _count(train),
+          "frozen": _count(frozen)}
+
+
 def _no_adapters(model, config, rank):
   del model, config, rank
 
 
 def _add_adapters(model, config, rank, *, quantize_base):
-  lora.apply(model, rank, alpha=config.lora_alpha, targets=TARGET_LINEARS,
+  lora.apply(model, rank, alpha=config.lora_alpha,
+             targets=LORA_TARGETS[config.lora_targets],
              quantize_base=quantize_base,
              trainable=config.lora_trainable or None,
              rngs=nnx.Rngs(config.seed + 1))
+
+
+def _freeze_all_but(model, config, rank, *, trainable):
+  del config, rank
+  if model.cfg.tie_embeddings and trainable == HEAD_PARAMS:
+    raise ValueError(
+        "--method head trains the LM head alone, but this model ties its"
+        " head to the input embedding (tie_word_embeddings): there is no"
+        " separate head to train; use --method adapters")
+  lora.freeze(model, trainable)
 
 
 def _adam_lr(cfg: models.Config) -> float:
@@ -236,8 +264,13 @@ SPECS = {s.name: s for s in (
          adapt=functools.partial(_add_adapters, quantize_base=None)),
     Spec("qlora", _adamw, _lora_groups, layerwise=False,
          adapt=functools.partial(_add_adapters, quantize_base="nf4")),
+    Spec("head", _adamw, _partial_groups, layerwise=False,
+         adapt=functools.partial(_freeze_all_but, trainable=HEAD_PARAMS)),
+    Spec("adapters", _adamw, _partial_groups, layerwise=False,
+         adapt=functools.partial(_freeze_all_but, trainable=ADAPTER_PARAMS)),
 )}
 NAMES = tuple(SPECS)
+LORA_METHODS = ("lora", "qlora")  # the methods --lora-targets applies to
 
 
 def default_lr(name: str, cfg: models.Config) -> float:

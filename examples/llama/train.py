@@ -8,7 +8,8 @@ For each method of the config, :func:`train_method` trains in
 every step; validation loss and perplexity every ``eval_every``),
 ``result.json``, ``args.json`` (the :class:`~examples.llama.configs.Config`
 of the run) and Orbax checkpoints in ``ckpt/`` every ``save_every`` steps
-and at the end. Then ``workdir/loss.png`` plots every run of the directory
+and at the end; with ``save_hf``, the trained model as a Hugging Face
+checkpoint (:func:`export`). Then ``workdir/loss.png`` plots every run of the directory
 and ``workdir/summary.md`` tabulates them.
 
 The step is compiled ahead of time with the params, optimizer state and
@@ -107,9 +108,14 @@ def train_and_evaluate(config: configs.Config, workdir: str | pathlib.Path,
   check_writable(workdir)
   corpus = input_pipeline.load(config.data, config.tokenizer,
                                verbose=is_lead())
+  exports = {name: export_dir(config, name) for name in config.method_names}
+  for directory in exports.values():
+    if directory is not None:
+      hf.check_target(directory)  # before any training
   results = []
   for name in config.method_names:
-    one = dataclasses.replace(config, method=name, compare=None)
+    one = dataclasses.replace(config, method=name, compare=None,
+                              save_hf=exports[name])
     results.append(train_method(one, workdir / name, corpus, resume=resume,
                                 resume_step=resume_step, progress=progress))
     if results[-1]["status"] != "done":
@@ -118,6 +124,31 @@ def train_and_evaluate(config: configs.Config, workdir: str | pathlib.Path,
     plot(workdir)
     summary(workdir)
   return results
+
+
+def export_dir(config: configs.Config, name: str) -> Optional[str]:
+  """Where method ``name``'s ``--save-hf`` checkpoint goes: ``save_hf``
+  itself, or ``save_hf/<name>`` with ``compare``."""
+  if config.save_hf is None:
+    return None
+  return (str(pathlib.Path(config.save_hf) / name) if config.compare
+          else config.save_hf)
+
+
+def export(m: methods_lib.Method, train, frozen, directory: str | pathlib.Path,
+           max_positions: int) -> None:
+  """Writes the trained model as a Hugging Face checkpoint
+  (:func:`examples.llama.hf.save`): INT8 weights dequantized, LoRA merged.
+  With several processes every one gathers the params and the first one
+  writes."""
+  params = m.weights.dequantize(train)
+  if jax.process_count() > 1:
+    params, frozen = multihost_utils.process_allgather((params, frozen),
+                                                       tiled=True)
+  if is_lead():
+    hf.save(nnx.merge(m.graphdef, params, frozen), directory,
+            max_positions=max_positions)
+  _barrier(f"{m.name}: exported")
 
 
 def memory_figures(compiled) -> dict[str, int]:
@@ -265,6 +296,8 @@ def train_method(config: configs.Config, run_dir: str | pathlib.Path,
   """
   name, run_dir = config.method, pathlib.Path(run_dir)
   ckpt_dir = run_dir / "ckpt"
+  if config.save_hf is not None:
+    hf.check_target(config.save_hf)
   _open_run(config, run_dir, resume)
 
   model = build_model(config, corpus.vocab_size)
@@ -400,6 +433,10 @@ def train_method(config: configs.Config, run_dir: str | pathlib.Path,
     if bar is not None:
       bar.close()
 
+  if status == "done" and config.save_hf is not None:
+    export(m, train, frozen, config.save_hf, max(2048, config.seq_len))
+    _say(f"[{name}] wrote a Hugging Face checkpoint to {config.save_hf}",
+         flush=True)
   result = {
       "method": name, "model": config.init_from or config.model,
       "params": n_params, "groups": m.groups,
