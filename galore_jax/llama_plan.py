@@ -26,8 +26,9 @@ import optax
 
 from galore_jax import quantization
 
-__all__ = ["CONFIGS", "LLAMA_TARGETS", "LlamaConfig", "llama_fns",
-           "llama_loss", "llama_params", "rms_norm"]
+__all__ = ["CONFIGS", "LLAMA_HEAD", "LLAMA_INPUTS", "LLAMA_LORA_TARGETS",
+           "LLAMA_TARGETS", "LlamaConfig", "llama_fns", "llama_loss",
+           "llama_params", "rms_norm"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,11 @@ CONFIGS = {
 }
 # Attention and MLP kernels: what the paper projects (and LoRA adapts).
 LLAMA_TARGETS = r"^layers/(q|k|v|o|gate|up|down)$"
+# The kernels LoRA / QLoRA adapt, by preset.
+LLAMA_LORA_TARGETS = {"all": LLAMA_TARGETS, "attention": r"^layers/(q|k|v|o)$",
+                      "mlp": r"^layers/(gate|up|down)$"}
+# The output head and the input embedding (the head / adapters methods).
+LLAMA_HEAD, LLAMA_INPUTS = r"^lm_head$", r"^embed$"
 
 
 def llama_params(config: LlamaConfig, dtype: Any = jnp.float32) -> dict:

@@ -16,10 +16,13 @@ qlora          adapters, NF4 base of the targets         ``N/2 + 4bM``
 galore         all params, low-rank moments              ``2bN + 2bM + b|P|``
 galore_8bit    all params, 8-bit low-rank moments        ``2bN + 2M + b|P|``
 q_galore       INT8 targets, 8-bit moments, INT4 proj.   ``N + 2M + |P|/2``
+head           the output head, the rest frozen          ``bN + 3bM``
+adapters       input embedding and head, rest frozen     ``bN + 3bM``
 =============  ========================================  =====================
 
 In fp32 (``b = 4``) the adamw, lora and qlora forms are the familiar
-``16N``, ``4N + 16M`` and ``N/2 + 16M``. The measured figures count what the
+``16N``, ``4N + 16M`` and ``N/2 + 16M``; ``head`` and ``adapters`` keep
+every weight and train ``M`` of them (gradient and two moments each). The measured figures count what the
 closed forms leave out: gradients of every trained param (a jitted JAX step
 materializes them all), absmax/scales/zero points, float leaves outside the
 targets, and float32 moments of small leaves in 8-bit Adam.
@@ -58,18 +61,21 @@ from galore_jax import projection
 from galore_jax import q_galore
 from galore_jax import quantization
 # The planner's LLaMA, kept importable from here.
-from galore_jax.llama_plan import CONFIGS, LLAMA_TARGETS, LlamaConfig
-from galore_jax.llama_plan import llama_fns, llama_params
+from galore_jax.llama_plan import CONFIGS, LLAMA_LORA_TARGETS, LLAMA_TARGETS
+from galore_jax.llama_plan import LlamaConfig, llama_fns, llama_params
 
 __all__ = [
-    "CONFIGS", "LAYERWISE_METHODS", "LLAMA_TARGETS", "METHODS", "LlamaConfig",
+    "CONFIGS", "LAYERWISE_METHODS", "LLAMA_LORA_TARGETS", "LLAMA_TARGETS",
+    "METHODS", "LlamaConfig",
     "MemoryPlan", "compiled_bytes", "llama_fns", "llama_train_step",
     "llama_params", "main", "nbytes", "parse_bytes", "path_str", "plan",
     "plan_llama", "table",
 ]
 
 METHODS = ("adamw", "adamw_8bit", "lora", "qlora", "galore", "galore_8bit",
-           "q_galore")
+           "q_galore", "head", "adapters")
+# Methods that fine-tune a part of the model, the rest frozen.
+PARTIAL_METHODS = ("head", "adapters")
 # Methods that train every param: the ones a layerwise step serves.
 LAYERWISE_METHODS = ("adamw", "adamw_8bit", "galore", "galore_8bit",
                      "q_galore")
@@ -213,6 +219,23 @@ def _adapters(flat, mask, rank, trainable_re):
   return out
 
 
+def _partial_params(flat, method, head_re, inputs_re):
+  """The params a partial method trains: ``head_re``'s (and, for
+  ``adapters``, ``inputs_re``'s) matches."""
+  wanted = [("head", head_re)] + (
+      [("inputs", inputs_re)] if method == "adapters" else [])
+  for name, pattern in wanted:
+    if pattern is None:
+      what = "output head" if name == "head" else "input embedding"
+      raise ValueError(f"method {method!r} needs `{name}`: a regex of the"
+                       f" {what}'s params")
+    if not any(pattern.search(k) for k in flat):
+      raise ValueError(f"`{name}` {pattern.pattern!r} matches no param; the"
+                       f" paths are: {', '.join(flat)}")
+  return {k: x for k, x in flat.items()
+          if any(pattern.search(k) for _, pattern in wanted)}
+
+
 def _galore_shapes(flat, mask, rank):
   """Elements of one low-rank moment (M) and of the projectors (|P|)."""
   m = p = 0
@@ -237,12 +260,15 @@ def _frozen_weights(flat, mask, quantize_base, block_size):
 
 def plan(
     params: Any,
-    methods: Sequence[str] = METHODS,
+    methods: Optional[Sequence[str]] = None,
     *,
     rank: int,
     dtype: Any = None,
     targets: Any = None,
+    lora_targets: Any = None,
     trainable: Optional[str] = None,
+    head: Optional[str] = None,
+    inputs: Optional[str] = None,
     update_proj_gap: int = 200,
     quantize_base: str = "nf4",
     block_size: int = 64,
@@ -259,7 +285,8 @@ def plan(
   Args:
     params: a params pytree, abstract (``jax.ShapeDtypeStruct``) or not, or
       a Flax NNX model; its floating-point leaves are the params.
-    methods: names from :data:`METHODS`.
+    methods: names from :data:`METHODS`; None: all of them, but ``head``
+      without a ``head`` regex and ``adapters`` without both regexes.
     rank: GaLore / LoRA rank.
     dtype: float dtype of the params (and of LoRA adapters and float
       moments); default: each leaf's own.
@@ -268,8 +295,14 @@ def plan(
       (``"layers/0/kernel"``; only leaves with ndim >= 2), a callable
       ``(path, leaf) -> bool``, or None: every leaf with ndim >= 2 whose two
       trailing dims exceed ``rank`` (GaLore's default).
+    lora_targets: the matrices LoRA / QLoRA adapt, if not ``targets`` (the
+      same forms).
     trainable: regex of params LoRA / QLoRA leave trainable in full (e.g.
       ``"embed|lm_head"``); everything else not adapted is frozen.
+    head: regex of the output head's params: what ``head`` trains, the
+      rest frozen.
+    inputs: regex of the input embedding's params: ``adapters`` trains
+      them and the head.
     update_proj_gap: GaLore's refresh gap (no effect on bytes).
     quantize_base: QLoRA's base code, ``"nf4"`` or ``"int8"``.
     block_size: QLoRA's absmax block size.
@@ -279,7 +312,8 @@ def plan(
 
   Raises:
     ValueError: an unknown method, a LoRA rank above a target's
-      ``min(in, out)``, a ``targets`` regex that matches nothing.
+      ``min(in, out)``, a ``targets``, ``head`` or ``inputs`` regex that
+      matches nothing, or ``head`` / ``adapters`` without their regexes.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -294,7 +328,13 @@ def plan(
     262144
     >>> p["lora"].gradients == 4 * 64 * (784 + 512 + 512 + 512)  # A and B
     True
+    >>> head = memory.plan(params, ["head"], rank=64, head="w2")["head"]
+    >>> head.gradients == 4 * 512 * 512  # w2 trained, the rest frozen
+    True
   """
+  if methods is None:
+    methods = [m for m in METHODS if m not in PARTIAL_METHODS
+               or (head is not None and (m == "head" or inputs is not None))]
   methods = _check_methods(methods)
   rank = _validation.positive_int("rank", rank)
   if quantize_base not in ("nf4", "int8"):
@@ -302,18 +342,32 @@ def plan(
                      f" {quantize_base!r}")
   flat = _flat_params(params, dtype)
   mask = _target_mask(flat, targets, rank)
+  lora_mask = (mask if lora_targets is None
+               else _target_mask(flat, lora_targets, rank))
   trainable_re = None if trainable is None else _regex("trainable", trainable)
+  head_re = None if head is None else _regex("head", head)
+  inputs_re = None if inputs is None else _regex("inputs", inputs)
   n = sum(math.prod(x.shape) for x in flat.values())
   b = sum(nbytes(x) for x in flat.values()) / n  # bytes per float
   weights = nbytes(flat)
   m, p = _galore_shapes(flat, mask, rank)  # closed forms of the GaLore family
   out = {}
   for method in methods:
+    if method in PARTIAL_METHODS:
+      train = _partial_params(flat, method, head_re, inputs_re)
+      state = jax.eval_shape(optax.adamw(_LR).init, train)
+      m_part = sum(math.prod(x.shape) for x in train.values())
+      out[method] = MemoryPlan(
+          method, weights=weights, gradients=nbytes(train),
+          optimizer_state=nbytes(state), projectors=0,
+          closed_form=b * n + 3 * b * m_part)
+      continue
     if method in ("lora", "qlora"):
-      train = _adapters(flat, mask, rank, trainable_re)
+      train = _adapters(flat, lora_mask, rank, trainable_re)
       frozen = {k: x for k, x in flat.items() if k not in train}
       if method == "qlora":
-        frozen = _frozen_weights(frozen, mask, quantize_base, block_size)
+        frozen = _frozen_weights(frozen, lora_mask, quantize_base,
+                                 block_size)
       state = jax.eval_shape(optax.adamw(_LR).init, train)
       m_lora = sum(math.prod(x.shape) for x in train.values())
       base = n / 2 if method == "qlora" else b * n
@@ -477,15 +531,50 @@ def _layerwise_plan(method, config, params, rank, gap, flat_plan, tokens):
                     closed_form=closed, compiled=compiled)
 
 
-def _compiled_step(method, config, params, mask, rank, tokens, remat,
-                   quantize_base, block_size, gap):
-  """XLA bytes of one jitted train step of ``method`` on ``params``."""
+def _frozen_step(config, params, train, frozen, tokens, remat):
+  """XLA bytes of a step that trains ``train`` and keeps ``frozen`` (LoRA:
+  adapters ``{"a", "b"}`` of frozen kernels; partial fine-tuning: a part of
+  the params): AdamW on ``train`` alone, so nothing else is
+  differentiated."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  treedef = jax.tree.structure(params)
+  keys = [path_str(p) for p, _ in flat]
+  tx = optax.adamw(_LR)
+
+  def leaf(k, train, frozen):
+    if k not in train:
+      return frozen[k]
+    return dict(w=frozen[k], **train[k]) if k in frozen else train[k]
+
+  def step(train, frozen, state, tokens):
+    def loss(train):
+      params = jax.tree.unflatten(treedef, [leaf(k, train, frozen)
+                                            for k in keys])
+      return llama_plan.llama_loss(params, tokens, config, remat)
+    value, grads = jax.value_and_grad(loss)(train)
+    updates, state = tx.update(grads, state, train)
+    return optax.apply_updates(train, updates), state, value
+
+  state = jax.eval_shape(tx.init, train)
+  return compiled_bytes(step, train, frozen, state, tokens,
+                        donate_argnums=(0, 2))
+
+
+def _compiled_step(method, config, params, lora_mask, trained, rank, tokens,
+                   remat, quantize_base, block_size, gap):
+  """XLA bytes of one jitted train step of ``method`` on ``params``
+  (``lora_mask``: the LoRA targets; ``trained``: the keys each partial
+  method trains)."""
+  flat = {path_str(p): x for p, x in
+          jax.tree_util.tree_flatten_with_path(params)[0]}
+  if method in PARTIAL_METHODS:
+    train = {k: x for k, x in flat.items() if k in trained[method]}
+    frozen = {k: x for k, x in flat.items() if k not in train}
+    return _frozen_step(config, params, train, frozen, tokens, remat)
   if method in ("lora", "qlora"):
     train, frozen = {}, {}
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, x in flat:
-      key = path_str(path)
-      if mask[key]:
+    for key, x in flat.items():
+      if lora_mask[key]:
         sds = lambda *shape: jax.ShapeDtypeStruct(x.shape[:-2] + shape, x.dtype)
         train[key] = {"a": sds(x.shape[-2], rank), "b": sds(rank, x.shape[-1])}
         frozen[key] = (x if method == "lora" else
@@ -493,23 +582,7 @@ def _compiled_step(method, config, params, mask, rank, tokens, remat,
                                        block_size)[key])
       else:
         frozen[key] = x
-    treedef = jax.tree.structure(params)
-    keys = [path_str(p) for p, _ in flat]
-    tx = optax.adamw(_LR)
-
-    def step(train, frozen, state, tokens):
-      def lora_loss(train):
-        leaves = [dict(w=frozen[k], **train[k]) if k in train else frozen[k]
-                  for k in keys]
-        return llama_plan.llama_loss(
-            jax.tree.unflatten(treedef, leaves), tokens, config, remat)
-      value, grads = jax.value_and_grad(lora_loss)(train)
-      updates, state = tx.update(grads, state, train)
-      return optax.apply_updates(train, updates), state, value
-
-    state = jax.eval_shape(tx.init, train)
-    return compiled_bytes(step, train, frozen, state, tokens,
-                          donate_argnums=(0, 2))
+    return _frozen_step(config, params, train, frozen, tokens, remat)
 
   step, carry = llama_train_step(method, config, params, rank=rank,
                                  remat=remat, update_proj_gap=gap)
@@ -526,11 +599,15 @@ def plan_llama(
     seq: Optional[int] = None,
     remat: bool = False,
     layerwise: bool = False,
+    lora_targets: str = "all",
     update_proj_gap: int = 200,
     quantize_base: str = "nf4",
     block_size: int = 64,
 ) -> dict[str, MemoryPlan]:
   """:func:`plan` for a LLaMA config, targets = attention and MLP kernels.
+
+  ``head`` trains the LM head, ``adapters`` the input embedding and the
+  head, each with the rest frozen.
 
   Args:
     config: a :class:`LlamaConfig` or a name in :data:`CONFIGS`.
@@ -546,6 +623,8 @@ def plan_llama(
       block updated as soon as its gradient exists; blocks recomputed, so
       ``remat`` does not change it) instead of the plain step; only for
       :data:`LAYERWISE_METHODS`.
+    lora_targets: what LoRA / QLoRA adapt: ``"all"`` attention and MLP
+      kernels, ``"attention"`` or ``"mlp"`` (:data:`LLAMA_LORA_TARGETS`).
     update_proj_gap, quantize_base, block_size: as in :func:`plan`.
 
   Returns:
@@ -568,8 +647,14 @@ def plan_llama(
       raise ValueError(f"{', '.join(plain)} train on the plain step; a"
                        " layerwise step serves "
                        + ", ".join(LAYERWISE_METHODS))
+  if lora_targets not in LLAMA_LORA_TARGETS:
+    raise ValueError(f"`lora_targets` must be one of"
+                     f" {', '.join(LLAMA_LORA_TARGETS)}, got {lora_targets!r}")
   params = llama_params(config, dtype)
+  lora_re = LLAMA_LORA_TARGETS[lora_targets]
   plans = plan(params, methods, rank=rank, targets=LLAMA_TARGETS,
+               lora_targets=lora_re, head=llama_plan.LLAMA_HEAD,
+               inputs=llama_plan.LLAMA_INPUTS,
                update_proj_gap=update_proj_gap, quantize_base=quantize_base,
                block_size=block_size)
   if batch is not None:
@@ -583,12 +668,16 @@ def plan_llama(
   if batch is None:
     return plans
   flat = _flat_params(params, None)
-  mask = _target_mask(flat, LLAMA_TARGETS, rank)
+  lora_mask = _target_mask(flat, lora_re, rank)
+  trained = {m: set(_partial_params(flat, m,
+                                    _regex("head", llama_plan.LLAMA_HEAD),
+                                    _regex("inputs", llama_plan.LLAMA_INPUTS)))
+             for m in PARTIAL_METHODS}
   tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
   return {
       m: dataclasses.replace(p, compiled=_compiled_step(
-          m, config, params, mask, rank, tokens, remat, quantize_base,
-          block_size, update_proj_gap))
+          m, config, params, lora_mask, trained, rank, tokens, remat,
+          quantize_base, block_size, update_proj_gap))
       for m, p in plans.items()}
 
 
@@ -654,6 +743,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument("--batch", type=int, default=None)
   ap.add_argument("--seq", type=int, default=None)
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--lora-targets", default="all",
+                  choices=list(LLAMA_LORA_TARGETS),
+                  help="the kernels lora and qlora adapt: all attention and"
+                  " MLP kernels, attention (q, k, v, o) or mlp (gate, up,"
+                  " down)")
   ap.add_argument("--layerwise", action="store_true",
                   help="the layerwise step (galore_jax.layerwise_step): each"
                   " block updated as soon as its gradient exists; gradients"
@@ -669,7 +763,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plans = plan_llama(args.model, methods, rank=args.rank,
                        dtype=_DTYPES[args.dtype], batch=args.batch,
                        seq=args.seq, remat=args.remat,
-                       layerwise=args.layerwise)
+                       layerwise=args.layerwise,
+                       lora_targets=args.lora_targets)
   except ValueError as e:
     ap.error(str(e))
   config = CONFIGS[args.model]

@@ -79,6 +79,52 @@ def test_lora_methods_equal_the_converted_model(plans, method, quantize_base):
   assert p.projectors == 0
 
 
+@pytest.mark.parametrize("method,trainable", [
+    ("head", r"^lm_head/"), ("adapters", r"^(embed|lm_head)/")])
+def test_partial_methods_equal_the_frozen_model(method, trainable):
+  plans = memory.plan(Block(nnx.Rngs(0)), [method], rank=RANK,
+                      head=r"^lm_head/", inputs=r"^embed/")
+  model = lora.freeze(Block(nnx.Rngs(0)), trainable)
+  opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+  p = plans[method]
+  assert p.weights == nbytes(nnx.state(model))
+  assert p.gradients == nbytes(nnx.state(model, nnx.Param))
+  assert p.optimizer_state == nbytes(nnx.state(opt.opt_state))
+  m = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+  assert p.closed_form == 4 * n + 12 * m == p.total - 4  # + Adam's count
+
+
+def test_default_methods_follow_the_regexes():
+  block = Block(nnx.Rngs(0))
+  assert tuple(memory.plan(block, rank=RANK)) == memory.METHODS[:7]
+  assert tuple(memory.plan(block, rank=RANK, head="lm_head")) == (
+      memory.METHODS[:8])
+  assert tuple(memory.plan(block, rank=RANK, head="lm_head",
+                           inputs="embed")) == memory.METHODS
+  with pytest.raises(ValueError, match="'head' needs `head`"):
+    memory.plan(block, ["head"], rank=RANK)
+  with pytest.raises(ValueError, match="'adapters' needs `inputs`"):
+    memory.plan(block, ["adapters"], rank=RANK, head="lm_head")
+  with pytest.raises(ValueError, match="`head` 'classifier' matches no"
+                     " param; the paths are: attn/o_proj/bias"):
+    memory.plan(block, ["head"], rank=RANK, head="classifier")
+
+
+def test_lora_targets_presets_of_the_llama_planner():
+  config = memory.CONFIGS["llama-60m"]
+  d, f, r = config.hidden, config.intermediate, 64
+  got = {t: memory.plan_llama(config, ["lora"], rank=r,
+                              lora_targets=t)["lora"].gradients
+         for t in memory.LLAMA_LORA_TARGETS}
+  per_layer = {"attention": 4 * r * (d + d), "mlp": 3 * r * (d + f)}
+  assert got == {"attention": 4 * config.layers * per_layer["attention"],
+                 "mlp": 4 * config.layers * per_layer["mlp"],
+                 "all": 4 * config.layers * sum(per_layer.values())}
+  with pytest.raises(ValueError, match="`lora_targets` must be one of"):
+    memory.plan_llama(config, lora_targets="ffn")
+
+
 def test_closed_forms_in_fp32(plans):
   params = params_of(Block(nnx.Rngs(0)))
   n = sum(x.size for x in jax.tree.leaves(params))
@@ -134,6 +180,9 @@ def test_compiled_train_steps_of_a_tiny_llama():
   for m, p in plans.items():
     assert p.compiled is not None and p.compiled >= p.weights, m
   assert plans["lora"].compiled < plans["adamw"].compiled
+  # The head alone: no backward pass through the frozen model, the smallest.
+  assert plans["head"].compiled < min(
+      p.compiled for m, p in plans.items() if m != "head")
   # The step really trains: the loss at init is about log(vocab).
   params = jax.tree.map(
       lambda s: 0.02 * jax.random.normal(jax.random.key(0), s.shape, s.dtype),
