@@ -274,8 +274,8 @@ def main(argv=None) -> int:
     lrs_of = {r["label"]: [] for r in runs}
     for r in runs:
       lrs_of[r["label"]].append(r)
-    print(f"\nThe grid (val loss on the new text at each multiple of the"
-          f" method's rate):\n\n| method | "
+    print("\nThe grid (val loss on the new text at each multiple of the"
+          " method's rate):\n\n| method | "
           + " | ".join(f"x{x:g}" for x in grid) + " |\n|---|"
           + "---|" * len(grid))
     for label, rs in lrs_of.items():
