@@ -13,9 +13,9 @@ norms and the LM head use AdamW in full, as in the paper. LoRA and QLoRA
 adapt the ``--lora-targets`` kernels (all, attention or MLP) and train
 ``--lora-trainable`` in full. The partial fine-tuning baselines freeze the
 model but for the LM head (``head``: no backward pass through the
-backbone) or the input embedding and the head (``adapters``). The learning rate
-follows the paper's recipe: linear warmup over ``warmup`` of the steps, then
-cosine decay to ``min_lr_ratio`` of the peak.
+backbone) or the input embedding and the head (``adapters``). The learning
+rate follows the paper's recipe: linear warmup over ``warmup`` of the
+steps, then cosine decay to ``min_lr_ratio`` of the peak.
 
 On a device mesh (:func:`placement`) the batch is split over "data", every
 param and the whole optimizer state over "fsdp".
@@ -207,9 +207,9 @@ def _add_adapters(model, config, rank, *, quantize_base):
              rngs=nnx.Rngs(config.seed + 1))
 
 
-def _freeze_all_but(model, config, rank, *, trainable):
+def _freeze_all_but(model, config, rank, *, trainable, untied_head=False):
   del config, rank
-  if model.cfg.tie_embeddings and trainable == HEAD_PARAMS:
+  if untied_head and model.cfg.tie_embeddings:
     raise ValueError(
         "--method head trains the LM head alone, but this model ties its"
         " head to the input embedding (tie_word_embeddings): there is no"
@@ -265,7 +265,8 @@ SPECS = {s.name: s for s in (
     Spec("qlora", _adamw, _lora_groups, layerwise=False,
          adapt=functools.partial(_add_adapters, quantize_base="nf4")),
     Spec("head", _adamw, _partial_groups, layerwise=False,
-         adapt=functools.partial(_freeze_all_but, trainable=HEAD_PARAMS)),
+         adapt=functools.partial(_freeze_all_but, trainable=HEAD_PARAMS,
+                                 untied_head=True)),
     Spec("adapters", _adamw, _partial_groups, layerwise=False,
          adapt=functools.partial(_freeze_all_but, trainable=ADAPTER_PARAMS)),
 )}

@@ -9,8 +9,8 @@ every step; validation loss and perplexity every ``eval_every``),
 ``result.json``, ``args.json`` (the :class:`~examples.llama.configs.Config`
 of the run) and Orbax checkpoints in ``ckpt/`` every ``save_every`` steps
 and at the end; with ``save_hf``, the trained model as a Hugging Face
-checkpoint (:func:`export`). Then ``workdir/loss.png`` plots every run of the directory
-and ``workdir/summary.md`` tabulates them.
+checkpoint (:func:`export`). Then ``workdir/loss.png`` plots every run of
+the directory and ``workdir/summary.md`` tabulates them.
 
 The step is compiled ahead of time with the params, optimizer state and
 PRNG key donated; the loss is checked on the host one step late, so
