@@ -663,6 +663,9 @@ def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
     x_K = _layer(stash, l)
     p = _float_view(stored)
     g, dx_K = _layer_grad(block, p, x_K, dx_K)
+    g, dx_K, blocks = jax.lax.optimization_barrier((g, dx_K, blocks))
+    stored = _layer(blocks, l)
+    p = _float_view(stored)
     sq = _sq_norm(g)
     if scale is not None:
       g = scale(g)
