@@ -1,4 +1,5 @@
-"""Argument checks shared by the transforms: clear errors at construction.
+"""Argument checks shared by the transforms: clear errors at construction,
+and at update for a state that does not fit the updates.
 
 Values that ``optax.inject_hyperparams`` may turn into traced arrays are checked
 only when they are concrete; a tracer is accepted as it is.
@@ -6,6 +7,7 @@ only when they are concrete; a tracer is accepted as it is.
 
 from __future__ import annotations
 
+import collections
 import numbers
 from typing import Any
 
@@ -91,3 +93,51 @@ def adam(b1: Any, b2: Any, eps: Any) -> None:
   concrete_number("b1", b1, low=0, high=1, high_open=True)
   concrete_number("b2", b2, low=0, high=1, high_open=True)
   concrete_number("eps", eps, low=0)
+
+
+
+def state_for_other_params(what: str, detail: str) -> ValueError:
+  """The error for a state that does not fit the updates it is given."""
+  return ValueError(f"{what}: {detail}: was the state initialised for other"
+                    " params (a transposed kernel?) or settings?")
+
+
+def like_updates(what: str, updates: Any, *moments: Any) -> None:
+  """Each tree in ``moments`` (mirroring ``updates``) holds arrays of the
+  updates' shapes: a state initialised for other params is refused."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+  for tree in moments:
+    for (path, u), m in zip(flat, treedef.flatten_up_to(tree)):
+      if np.shape(m) != np.shape(u):
+        raise state_for_other_params(
+            what, f"the state of parameter {jax.tree_util.keystr(path)} has"
+            f" shape {np.shape(m)}, its update {np.shape(u)}")
+
+
+def shaped_like(what: str, state: Any, expected: Any) -> None:
+  """``state``'s arrays have the shapes of ``expected`` (the state ``init``
+  makes for the update's shapes), or a clear ``ValueError``.
+
+  Trees of one structure are compared array by array. A state whose records
+  a container library rebuilt (Flax NNX hands a NamedTuple back as a mapping
+  sorted by field name) is compared as a multiset of shapes, so the
+  reordering is not mistaken for a state of other params.
+  """
+  shape = lambda x: tuple(np.shape(x))
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  if jax.tree.structure(state) == jax.tree.structure(expected):
+    for (path, x), y in zip(flat, jax.tree.leaves(expected)):
+      if shape(x) != shape(y):
+        raise state_for_other_params(
+            what, f"its array {jax.tree_util.keystr(path)} has shape"
+            f" {shape(x)}, where updates of these shapes need {shape(y)}")
+    return
+  got = collections.Counter(shape(x) for _, x in flat)
+  want = collections.Counter(map(shape, jax.tree.leaves(expected)))
+  if got != want:
+    extra = [f"{jax.tree_util.keystr(path)} {shape(x)}" for path, x in flat
+             if shape(x) in got - want]
+    missing = sorted((want - got).elements())
+    raise state_for_other_params(
+        what, f"it holds arrays {', '.join(extra)} where updates of these"
+        f" shapes need arrays of shapes {missing}")

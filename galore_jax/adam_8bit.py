@@ -14,8 +14,9 @@ the map's resolution in its block (about 1.6e-7 of the block's absmax) while
 its ``m`` survives would otherwise get the update ``m / eps`` (thousands of
 times the learning rate) as soon as its gradient is zero.
 
-Memory: 2 bytes per element plus 8 bytes per block of each moment, against 8
-bytes for float32 Adam (0.254x at the default block of 256).
+Memory: 2 bytes per element plus 8 bytes per block of each moment (and a
+byte per row that records the leaf's shape), against 8 bytes for float32 Adam
+(0.254x at the default block of 256).
 """
 
 from __future__ import annotations
@@ -41,10 +42,15 @@ class BlockwiseCodes(NamedTuple):
   Attributes:
     codes: uint8 indices into the dynamic code map, ``(blocks, block_size)``.
     absmax: float32 scale of each block, ``(blocks,)``.
+    rows: uint8 zeros of the leaf's shape without its last axis (one byte
+      per row). With the number of blocks it fixes the leaf's shape, so a
+      state initialised for other params (a transposed kernel, whose codes
+      have the same shape) is refused.
   """
 
   codes: jax.Array
   absmax: jax.Array
+  rows: jax.Array
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -80,12 +86,43 @@ def _moment_layout(view, x):
     codes = tuple(np.shape(x.codes))
     if view is None:
       return layout.replicated_tree(x)
-    return BlockwiseCodes(codes=layout.Blocks(view, codes, "codes"),
-                          absmax=layout.Blocks(view, codes, "absmax"))
+    rows = tuple(np.shape(x.rows))
+    return BlockwiseCodes(
+        codes=layout.Blocks(view, codes, "codes"),
+        absmax=layout.Blocks(view, codes, "absmax"),
+        # Laid out as the leaf's leading axes.
+        rows=view.derive(rows, view.axes[:-1]) if rows == view.shape[:-1]
+        else layout.replicated(rows))
   shape = tuple(np.shape(x))
   if view is not None and layout.matches(view, shape):
     return view.derive(shape, view.axes)
   return layout.replicated(shape)
+
+
+def _moment_shapes(entry: Any) -> tuple:
+  if hasattr(entry, "shape"):  # a float32 moment
+    return (tuple(entry.shape),)
+  try:
+    return tuple(tuple(np.shape(a)) for a in _codes(entry))
+  except ValueError:  # not a BlockwiseCodes record
+    return tuple(tuple(np.shape(a)) for a in jax.tree.leaves(entry))
+
+
+def _check_moments(path: str, g: jax.Array, moments, min_8bit_size: int,
+                   block_size: int) -> None:
+  """The moments of leaf ``path`` fit its update ``g``, or a clear error."""
+  if _is_8bit(g, min_8bit_size):
+    blocks = quantization.num_groups(math.prod(g.shape), block_size)
+    want = ((blocks, block_size), (blocks,), tuple(g.shape[:-1]))
+  else:
+    want = (tuple(g.shape),)
+  for m in moments:
+    got = _moment_shapes(m)
+    if got != want:
+      raise _validation.state_for_other_params(
+          "scale_by_adam_8bit", f"the moments of parameter {path} have"
+          f" arrays of shapes {list(got)}, its update of shape"
+          f" {tuple(g.shape)} needs {list(want)}")
 
 
 # Elements updated at once per 8-bit leaf: bounds the step's temporaries.
@@ -165,7 +202,8 @@ def scale_by_adam_8bit(
     zero = int(np.argmin(np.abs(quantization.dynamic_code_map(signed))))
     return BlockwiseCodes(
         codes=jnp.full((blocks, block_size), zero, jnp.uint8),
-        absmax=jnp.zeros((blocks,), jnp.float32))
+        absmax=jnp.zeros((blocks,), jnp.float32),
+        rows=jnp.zeros(x.shape[:-1], jnp.uint8))
 
   def init_fn(params):
     _validation.floating_tree(params)
@@ -208,7 +246,7 @@ def scale_by_adam_8bit(
     else:
       u, mc, ma, vc, va = _inplace.update_chunks(update, blocks, per)
     u = quantization.from_groups(u, g.shape)
-    return u, BlockwiseCodes(mc, ma), BlockwiseCodes(vc, va)
+    return u, BlockwiseCodes(mc, ma, mu.rows), BlockwiseCodes(vc, va, nu.rows)
 
   def update_fn(updates, state, params=None):
     del params
@@ -216,6 +254,10 @@ def scale_by_adam_8bit(
     leaves, treedef = jax.tree.flatten(updates)
     mus = treedef.flatten_up_to(state.mu)
     nus = treedef.flatten_up_to(state.nu)
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(updates)[0]]
+    for path, g, mu, nu in zip(paths, leaves, mus, nus):
+      _check_moments(path, g, (mu, nu), min_8bit_size, block_size)
     count = optax.safe_int32_increment(state.count)
     t = count.astype(jnp.float32)
     c1, c2 = 1 - b1**t, 1 - b2**t

@@ -385,6 +385,9 @@ def scale_by_subspace(
         map(project, grads, entries, specs, _positions(specs)), 4)
 
     base_state = state.base_state
+    _validation.shaped_like(
+        f"{state_type.__name__}.base_state", base_state,
+        jax.eval_shape(base.init, treedef.unflatten(low_rank)))
     if on_refresh != "keep":
       base_state = _move_moments(base_state, treedef, moves, on_refresh)
     low_updates, base_state = base.update(
@@ -616,6 +619,7 @@ def scale_by_adam_hf(
 
   def update_fn(updates, state, params=None):
     del params
+    _validation.like_updates("scale_by_adam_hf", updates, state.mu, state.nu)
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_int32_increment(state.count)

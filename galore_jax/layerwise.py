@@ -479,6 +479,11 @@ def layerwise_step(
     n_layers = num_layers(blocks)
     _check_batch(batch)
     _check_state(state.blocks, "`tx`'s state")
+    expected = jax.eval_shape(init, outer, blocks)
+    _validation.shaped_like("LayerwiseState.blocks", state.blocks,
+                            expected.blocks)
+    _validation.shaped_like("LayerwiseState.outer", state.outer,
+                            expected.outer)
     outer_f = _float_view(outer)
     _check_model(embed, block, head, outer_f,
                  _float_view(_layer(blocks, 0)), batch)

@@ -144,6 +144,73 @@ def test_state_for_other_params():
     other.update({"w": jnp.zeros((24, 16))}, state)
 
 
+# A state initialised for a (64, 32) kernel, updated with a (32, 64) one. The
+# 8-bit codes have the same shapes either way; their `rows` record tells.
+TRANSPOSED = {
+    "adamw_8bit": lambda: galore_jax.adamw_8bit(1e-3, min_8bit_size=1),
+    "scale_by_adam_8bit": lambda: galore_jax.scale_by_adam_8bit(
+        min_8bit_size=1),
+    "scale_by_adam_hf": galore_jax.scale_by_adam_hf,
+    "galore_adamw": lambda: galore_jax.galore_adamw(1e-3, rank=8),
+    "galore_adamw_8bit": lambda: galore_jax.galore_adamw_8bit(
+        1e-3, rank=8, min_8bit_size=1),
+    "galore_lion": lambda: galore_jax.galore_lion(1e-3, rank=8),
+    "galore_sgd": lambda: galore_jax.galore_sgd(1e-3, rank=8, momentum=0.9),
+    "q_galore_adamw": lambda: galore_jax.q_galore_adamw(
+        1e-3, rank=8, proj_group_size=32, min_8bit_size=1),
+    # Leaves too small to project: the base transform's own state.
+    "galore_adamw, not projected": lambda: galore_jax.galore_adamw(
+        1e-3, rank=128),
+    "galore_adamw_8bit, not projected": lambda: galore_jax.galore_adamw_8bit(
+        1e-3, rank=128, min_8bit_size=1),
+    "q_galore_adamw, not projected": lambda: galore_jax.q_galore_adamw(
+        1e-3, rank=128, proj_group_size=32, min_8bit_size=1),
+    "q_galore_adamw 32-bit, not projected": lambda: galore_jax.q_galore_adamw(
+        1e-3, rank=128, proj_group_size=32, state_bits=32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSPOSED))
+def test_a_state_for_a_transposed_kernel_is_refused(name):
+  tx = TRANSPOSED[name]()
+  state = tx.init({"w": jnp.ones((64, 32))})
+  other = {"w": jnp.ones((32, 64))}
+  with pytest.raises(ValueError, match="initialised for other params"):
+    tx.update(other, state, other)
+  # A state for these shapes passes the same checks.
+  tx.update(other, tx.init(other), other)
+
+
+def test_an_8bit_state_for_a_reshaped_leaf_is_refused():
+  """Same size and block count, other shape: (64, 32) against (2048,)."""
+  tx = galore_jax.adamw_8bit(1e-3, min_8bit_size=1)
+  state = tx.init({"w": jnp.ones((64, 32))})
+  flat = {"w": jnp.ones((2048,))}
+  with pytest.raises(ValueError, match=r"moments of parameter \['w'\].*"
+                     r"update of shape \(2048,\)"):
+    tx.update(flat, state, flat)
+
+
+def test_a_layerwise_state_for_other_blocks_is_refused():
+  """A state for 3 layers would be sliced out of range (clamped, silently)
+  by a 4-layer model; an outer state for transposed params is refused too."""
+  from galore_jax import layerwise
+  embed = lambda o, b: b["x"] @ o["w_in"]
+  block = lambda p, x: x + jnp.tanh(x @ p["w"])
+  head = lambda o, x, b: jnp.mean((x @ o["w_out"] - b["y"]) ** 2)
+  outer = {"w_in": jnp.ones((4, 8)), "w_out": jnp.ones((8, 1))}
+  lw = layerwise.layerwise_step(embed, block, head, optax.adamw(1e-2))
+  state = lw.init(outer, {"w": jnp.ones((3, 8, 8))})
+  batch = {"x": jnp.ones((1, 5, 4)), "y": jnp.zeros((1, 5, 1))}
+  with pytest.raises(ValueError, match="LayerwiseState.blocks.*other params"):
+    lw.step(outer, {"w": jnp.ones((4, 8, 8))}, state, batch)
+  other = lw.init({"w_in": jnp.ones((8, 4)), "w_out": jnp.ones((8, 1))},
+                  {"w": jnp.ones((3, 8, 8))})
+  with pytest.raises(ValueError, match="LayerwiseState.outer.*other params"):
+    lw.step(outer, {"w": jnp.ones((3, 8, 8))},
+            state._replace(outer=other.outer), batch)
+
+
 # --- Q-GaLore ---------------------------------------------------------------
 
 

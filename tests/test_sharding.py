@@ -679,8 +679,10 @@ def test_state_types_declare_their_layout():
     views = {(jax.tree_util.DictKey("w"),):
              layout.own_view((64, 32), param="w")}
     got = state.layout(views, lambda sub, v: sub.layout(v, None))
-    lows = jax.tree.leaves(got.base_state.mu, is_leaf=layout.is_layout)
+    codes = got.base_state.mu["w"]
     # The (64, r) moment of the column-projected w: 8-bit blocks of a view
-    # whose rows follow w's axis 0 (then 1) and whose rank is its own.
+    # whose rows follow w's axis 0 (then 1) and whose rank is its own; the
+    # shape record (64,) follows the rows.
     assert all(isinstance(b, layout.Blocks) and b.of.axes == ((0, 1), ())
-               and b.of.param == "w" for b in lows)
+               and b.of.param == "w" for b in (codes.codes, codes.absmax))
+    assert codes.rows == layout.View((64,), ((0, 1),), "w")
