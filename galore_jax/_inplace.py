@@ -8,6 +8,14 @@ it copies whole buffers at every iteration. Computing the new slices inside
 a ``lax.cond`` branch prevents that: a branch is never fused with what is
 outside it (``optimization_barrier`` does not stop fusion on CPU).
 :func:`update_chunks` is that loop over the chunks of flat buffers.
+
+A loop that reads slices of a loop-invariant stacked array (``lax.map``,
+``lax.scan`` over ``xs``) meets another hazard on XLA:CPU, which computes
+bf16 matmuls and many bf16 elementwise ops in float32: it converts the
+*whole* stack to float32 before the loop (its bf16 normalization turns the
+slice of a bf16 array into a slice of its float32 copy, and loop-invariant
+code motion hoists that copy). :func:`map_slices` carries the stack through
+the loop instead, so one slice is converted at a time.
 """
 
 from __future__ import annotations
@@ -35,6 +43,43 @@ def unfused(pred: jax.Array, fn: Callable[..., Any], *args: Any) -> Any:
   out = jax.eval_shape(fn, *args)
   zeros = lambda *_: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out)
   return jax.lax.cond(pred, fn, zeros, *args)
+
+
+def map_slices(fn: Callable[..., Any], *xs: Any, out: Any = None) -> Any:
+  """``lax.map(lambda a: fn(*a), xs)``, each slice converted only in its turn.
+
+  The trees ``xs`` share their leading axis; ``fn`` takes one slice of each
+  and returns a tree of arrays, stacked along a new leading axis. The inputs
+  ride in the ``fori_loop``'s carry through an ``optimization_barrier``, so
+  no copy or conversion of a whole input is hoisted out of the loop, and the
+  outputs are written in place, slice by slice: into ``out`` if given (a
+  tree of the outputs' stacked shapes and dtypes whose old values nothing
+  reads again, such as the gradient an update replaces), else into new
+  buffers.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _inplace
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> _inplace.map_slices(lambda r: r.sum(), x).tolist()
+    [1.0, 5.0, 9.0]
+  """
+  n = jax.tree.leaves(xs)[0].shape[0]
+  if out is None:
+    first = jax.tree.map(lambda x: x[0], xs)
+    out = jax.tree.map(lambda o: jnp.zeros((n,) + o.shape, o.dtype),
+                       jax.eval_shape(fn, *first))
+
+  def body(i, carry):
+    xs, out = carry
+    xs = jax.lax.optimization_barrier(xs)
+    new = fn(*jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), xs))
+    out = jax.tree.map(
+        lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v, i, 0), out, new)
+    return xs, out
+
+  return jax.lax.fori_loop(0, n, body, (xs, out))[1]
 
 
 def update_chunks(

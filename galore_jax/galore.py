@@ -424,8 +424,10 @@ def _project_back_leaf(scale, g, u, proj, spec):
   """The full-space update of one leaf from its low-rank update ``u``."""
   if spec is None:
     return u
-  full = projection.project_back(u, proj, spec) * scale
-  return projection.from_matrix(full, spec).astype(g.dtype)
+  # The update is written over the gradient, which nothing reads again.
+  full = projection.project_back(u, proj, spec, scale=scale, dtype=g.dtype,
+                                 out=projection.to_matrix(g, spec))
+  return projection.from_matrix(full, spec)
 
 
 def _positions(specs: list) -> list:

@@ -38,6 +38,7 @@ on non-square matrices (and ``std`` on square ones).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_jax import _inplace
 from galore_jax import _pytrees
 from galore_jax import _validation
 from galore_jax.layout import normalize_path
@@ -168,18 +170,30 @@ def _per_matrix(fn: Callable[..., Any]) -> Callable[..., Any]:
   but the last two).
   """
 
-  def mapped(*xs):
-    batch = xs[0].shape[:-2]
-    flat = tuple(x.reshape((-1,) + x.shape[-2:]) for x in xs)
-    out = jax.lax.map(lambda x: fn(*x), flat)
-    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
-
   def call(*xs):
     if math.prod(xs[0].shape[:-2]) <= 1:
       return fn(*xs)
-    return jax.lax.platform_dependent(*xs, cpu=mapped, default=fn)
+    return jax.lax.platform_dependent(*xs, cpu=functools.partial(
+        map_matrices, fn), default=fn)
 
   return call
+
+
+def map_matrices(fn: Callable[..., Any], *xs: Any, out: Any = None) -> Any:
+  """``fn`` on each matrix of ``xs`` in turn, its outputs stacked back.
+
+  Every array leaf of the trees ``xs`` shares the batch axes (all but the
+  last two); ``fn`` takes one matrix of each. The loop is
+  :func:`galore_jax._inplace.map_slices`: one matrix is sliced (and, on
+  XLA:CPU, converted to float32) at a time, never the whole stack; the
+  results are written into ``out`` if given (see there).
+  """
+  batch = jax.tree.leaves(xs)[0].shape[:-2]
+  flat = lambda t: jax.tree.map(
+      lambda x: x.reshape((-1,) + x.shape[len(batch):]), t)
+  out = _inplace.map_slices(fn, *flat(xs),
+                            out=None if out is None else flat(out))
+  return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 
 
 _svd = _per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False))
@@ -190,22 +204,55 @@ _solve_lower = _per_matrix(
     lambda low, b: jax.scipy.linalg.solve_triangular(low, b, lower=True))
 
 
+def _one_matrix_at_a_time_on_cpu(fn: Callable[..., jax.Array], out=None):
+  """``fn(x, proj)`` of matrix views; a stack of bf16 (or other sub-32-bit)
+  matrices one matrix at a time on CPU (:func:`map_matrices`, writing into
+  ``out`` if given), where a batched matmul would first convert both whole
+  stacks to float32; one batched call otherwise."""
+
+  def call(x, proj):
+    narrow = any(jnp.dtype(a.dtype).itemsize < 4
+                 for a in jax.tree.leaves((x, proj)))
+    if math.prod(x.shape[:-2]) <= 1 or not narrow:
+      return fn(x, proj)
+    cpu = lambda x, proj: map_matrices(fn, x, proj, out=out)
+    return jax.lax.platform_dependent(x, proj, cpu=cpu, default=fn)
+
+  return call
+
+
 def project(g: jax.Array, proj: Projectors, spec: LeafSpec) -> jax.Array:
   """Low-rank coordinates of the matrix view ``g`` (see module docstring)."""
-  if spec.use_row:
-    g = jnp.matmul(proj.row, g)
-  if spec.use_col:
-    g = jnp.matmul(g, proj.col)
-  return g
+
+  def one(g, proj):
+    if spec.use_row:
+      g = jnp.matmul(proj.row, g)
+    if spec.use_col:
+      g = jnp.matmul(g, proj.col)
+    return g
+
+  return _one_matrix_at_a_time_on_cpu(one)(g, proj)
 
 
-def project_back(r: jax.Array, proj: Projectors, spec: LeafSpec) -> jax.Array:
-  """Full-space matrix of the low-rank ``r``: ``rowᵀ r`` / ``r colᵀ``."""
-  if spec.use_row:
-    r = jnp.matmul(_t(proj.row), r)
-  if spec.use_col:
-    r = jnp.matmul(r, _t(proj.col))
-  return r
+def project_back(r: jax.Array, proj: Projectors, spec: LeafSpec, *,
+                 scale: Any = 1, dtype: Any = None,
+                 out: Any = None) -> jax.Array:
+  """Full-space matrix of the low-rank ``r``: ``rowᵀ r`` / ``r colᵀ``, times
+  ``scale``, cast to ``dtype`` (default: the product's) matrix by matrix.
+
+  ``out``: a buffer of the result's shape and dtype that nothing reads
+  again (the gradient the update replaces), which a stack of bf16 matrices
+  is written into on CPU instead of a new buffer.
+  """
+
+  def one(r, proj):
+    if spec.use_row:
+      r = jnp.matmul(_t(proj.row), r)
+    if spec.use_col:
+      r = jnp.matmul(r, _t(proj.col))
+    return (r * scale).astype(dtype or r.dtype)
+
+  return _one_matrix_at_a_time_on_cpu(one, out)(r, proj)
 
 
 def canonical_signs(v: jax.Array) -> jax.Array:
@@ -243,12 +290,9 @@ def svd_projectors(g: jax.Array, spec: LeafSpec, dtype) -> Projectors:
   ever held, never those of every layer (nor a float32 copy of the whole
   stacked gradient).
   """
-  batch = g.shape[:-2]
-  if not batch:
+  if not g.shape[:-2]:
     return _top_singular_vectors(g, spec, dtype)
-  flat = g.reshape((-1,) + g.shape[-2:])
-  out = jax.lax.map(lambda a: _top_singular_vectors(a, spec, dtype), flat)
-  return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+  return map_matrices(lambda a: _top_singular_vectors(a, spec, dtype), g)
 
 
 SVD_METHODS = ("exact", "randomized", "subspace_iteration")

@@ -220,7 +220,7 @@ def scale_by_q_galore(
   vectors average at least ``cos_threshold``.
 
   The refresh test of a stacked leaf is one ``lax.cond`` on "any layer due",
-  inside which due layers refresh one by one (``lax.map`` over the stack with
+  inside which due layers refresh one by one (a loop over the stack with
   a per-layer ``lax.cond``): no SVD runs on a step where no layer is due.
   Singular vectors have canonical signs (see
   :func:`galore_jax.projection.canonical_signs`), so the signed cosine does
@@ -459,7 +459,7 @@ def _update_projector(code: _Code, schedule: _Schedule, find, stagger, g2,
   """Q-GaLore's rule: each layer refreshes when its own gap is due.
 
   A stacked leaf runs one ``lax.cond`` on "any layer due", inside which the
-  due layers refresh one by one (``lax.map`` with a per-layer ``lax.cond``).
+  due layers refresh one by one (a loop with a per-layer ``lax.cond``).
   """
   st = _as_state(code, schedule, entry, spec)
   due = galore.refresh_due(count, st.gap, galore.stagger_phase(
@@ -474,8 +474,8 @@ def _update_projector(code: _Code, schedule: _Schedule, find, stagger, g2,
     flat = lambda x: x.reshape((-1,) + x.shape[nb:])
     g_f, st_f, due_f = flat(g2), jax.tree.map(flat, st), due.reshape(-1)
     st_f = jax.lax.cond(
-        jnp.any(due_f), lambda: jax.lax.map(lambda a: refresh(*a),
-                                            (g_f, st_f, due_f)),
+        jnp.any(due_f),
+        lambda: _inplace.map_slices(refresh, g_f, st_f, due_f),
         lambda: st_f)
     st = jax.tree.map(lambda x, y: x.reshape(y.shape), st_f, st)
   return _as_projectors(_dequantized(code, st, spec, g2.dtype), spec), st

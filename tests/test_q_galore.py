@@ -213,7 +213,9 @@ def test_svd_runs_only_inside_the_refresh_branch():
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state).jaxpr
   assert "svd" not in [str(e.primitive) for e in jaxpr.eqns]
-  conds = [e for e in jaxpr.eqns if str(e.primitive) == "cond"]
+  # The refresh conds; the others choose the platform's projection code.
+  conds = [e for e in jaxpr.eqns if str(e.primitive) == "cond"
+           and not e.params.get("branches_platforms")]
   assert len(conds) == 2
   for c in conds:
     assert sum("svd" in str(b) for b in c.params["branches"]) == 1
