@@ -85,7 +85,7 @@ from galore_jax import quantization
 from galore_jax import sharding
 
 __all__ = ["Layerwise", "LayerwiseState", "dequantize_blocks", "layerwise_step",
-           "num_layers", "quantize_blocks"]
+           "num_layers", "quantize_blocks", "remat_scan"]
 
 CLIP_MODES = ("global", "per_layer")
 # States of transforms that need every leaf of the step at once.
@@ -349,9 +349,14 @@ def _clip(tree: Any, norm: jax.Array, max_norm: float) -> Any:
                                (t / norm.astype(t.dtype)) * max_norm), tree)
 
 
-def _forward(block, blocks, x0_K, n_layers, keep=True):
+def _float_layer(blocks, l):
+  return _float_view(_layer(blocks, l))
+
+
+def _forward(block, blocks, x0_K, n_layers, keep=True, layer=_float_layer):
   """Each block's input for every micro-batch, ``(L, K, ...)`` (None
-  without ``keep``), and the last block's output ``(K, ...)``.
+  without ``keep``), and the last block's output ``(K, ...)``; block ``l``
+  gets ``layer(blocks, l)``.
 
   The stacked params go through the loop's carry, so each layer's slice
   (and any conversion of it) is computed inside the loop, not hoisted out
@@ -364,7 +369,7 @@ def _forward(block, blocks, x0_K, n_layers, keep=True):
     blocks = jax.lax.optimization_barrier(blocks)
     if keep:
       stash = jax.lax.dynamic_update_index_in_dim(stash, x_K, l, 0)
-    p = _float_view(_layer(blocks, l))
+    p = layer(blocks, l)
     x_K = jax.lax.map(lambda x: block(p, x), x_K)
     return blocks, x_K, stash
 
@@ -381,6 +386,145 @@ def _layer_grad(block, p, x_K, dx_K):
     return vjp(dx)
 
   return _micro_mean(micro, (x_K, dx_K))
+
+
+def remat_scan(block: Callable[[Any, jax.Array], jax.Array], blocks: Any,
+               x: jax.Array) -> jax.Array:
+  r"""``x`` through the stacked ``blocks`` in turn, each block recomputed in
+  the backward pass: a rematerialized ``lax.scan`` that holds one layer's
+  converted weights at a time.
+
+  The value and the gradients equal those of
+
+  .. code-block:: python
+
+    jax.lax.scan(lambda x, p: (jax.checkpoint(block)(p, x), None), x,
+                 blocks)[0]
+
+  (up to float rounding), and are that when no leaf of ``blocks`` is a bf16
+  (or other sub-32-bit) float. With such leaves, a ``jax.custom_vjp`` runs
+  loops of its own: the forward loop keeps each block's input; the backward
+  loop recomputes block :math:`l` from it, takes its VJP and writes the
+  layer's gradient into the stacked gradient in place. Both loops carry the
+  bf16 leaves (as :func:`layerwise_step`'s loops carry the params), so no
+  conversion of a whole stack is hoisted out of them: XLA:CPU, which
+  computes bf16 matmuls in float32, otherwise keeps a float32 copy of every
+  layer's weights through a scanned step (24 GiB at LLaMA-7B). Only the
+  leaves being differentiated get a gradient buffer (a LoRA's frozen
+  kernels, INT8 codes and the like get none).
+
+  Args:
+    block: ``(layer_params, x) -> x``, one block; ``layer_params`` is one
+      layer's slice of ``blocks``, as ``lax.scan`` passes it.
+    blocks: the stacked block params, every leaf ``(L, ...)``
+      (:class:`~galore_jax.quantization.QuantizedArray` leaves quantized per
+      layer, as :func:`quantize_blocks` makes them).
+    x: the first block's input.
+
+  Returns:
+    The last block's output, shaped like ``x``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import layerwise
+    >>> block = lambda p, x: x + jnp.tanh(x @ p["w"])
+    >>> blocks = {"w": 0.1 * jax.random.normal(jax.random.key(0), (3, 8, 8))}
+    >>> x = jnp.ones((5, 8))
+    >>> scan = lambda b: jax.lax.scan(
+    ...     lambda x, p: (jax.checkpoint(block)(p, x), None), x, b)[0].sum()
+    >>> ours = lambda b: layerwise.remat_scan(block, b, x).sum()
+    >>> bool(jnp.allclose(jax.grad(ours)(blocks)["w"],
+    ...                   jax.grad(scan)(blocks)["w"], rtol=1e-6))
+    True
+  """
+  _check_callable("block", block)
+  n_layers = num_layers(blocks)
+  leaves, treedef = jax.tree.flatten(blocks)
+  if not any(map(_carried, leaves)):
+    # Nothing XLA:CPU would convert: JAX's own rematerialized scan.
+    body = jax.checkpoint(block)
+    return jax.lax.scan(lambda x, p: (body(p, x), None), x, blocks)[0]
+  return _remat_scan(block, treedef, n_layers)(leaves, x)
+
+
+def _carried(x: jax.Array) -> bool:
+  """Whether :func:`remat_scan`'s loops carry a leaf: bf16 / f16 weights,
+  which XLA:CPU converts to float32. The others stay loop-invariant, so a
+  broadcast (such as :func:`galore_jax.q_galore.value_and_grad`'s zero
+  offsets) is sliced without being materialized."""
+  return jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
+
+
+def _remat_scan(block, treedef, n_layers):
+  """:func:`remat_scan` of the flat block leaves, a ``jax.custom_vjp``."""
+
+  def split(leaves):
+    carried = [x if _carried(x) else None for x in leaves]
+    fixed = [None if _carried(x) else x for x in leaves]
+    return carried, fixed
+
+  def layer_of(fixed):
+    """``(carried, l) -> layer l's params``, the other leaves ``fixed``."""
+    def layer(carried, l):
+      return treedef.unflatten([
+          a if a is not None else b for a, b in
+          zip(_layer(carried, l), _layer(fixed, l))])
+    return layer
+
+  def forward(leaves, x, keep):
+    # The layerwise step's forward loop, with one micro-batch: stash
+    # (L, 1, ...), output (1, ...).
+    carried, fixed = split(leaves)
+    stash, y = _forward(block, carried, x[None], n_layers, keep,
+                        layer=layer_of(fixed))
+    return y[0], stash
+
+  @jax.custom_vjp
+  def run(leaves, x):
+    return forward(leaves, x, keep=False)[0]
+
+  def fwd(leaves, x):
+    # Which leaves (and whether x) are differentiated: the residuals' tree
+    # structure carries it, () for yes and None for no.
+    marks = [() if p.perturbed else None for p in leaves]
+    leaves = [p.value for p in leaves]
+    y, stash = forward(leaves, x.value, keep=True)
+    return y, (leaves, stash, marks, () if x.perturbed else None)
+
+  def bwd(res, dy):
+    leaves, stash, marks, x_mark = res
+    diff = [i for i, m in enumerate(marks) if m is not None]
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+      dy = jnp.zeros(stash.shape[2:], stash.dtype)
+
+    carried, fixed = split(leaves)
+    layer_fn = layer_of(fixed)
+
+    def body(i, carry):
+      carried, grads, dx = carry
+      carried = jax.lax.optimization_barrier(carried)
+      l = n_layers - 1 - i
+      layer = jax.tree.leaves(layer_fn(carried, l))
+
+      def f(d, x):
+        full = list(layer)
+        for j, v in zip(diff, d):
+          full[j] = v
+        return block(treedef.unflatten(full), x)
+
+      _, vjp = jax.vjp(f, [layer[j] for j in diff], stash[l, 0])
+      g, dx = vjp(dx)
+      return carried, _set_layer(grads, g, l), dx
+
+    grads = [jnp.zeros_like(leaves[j]) for j in diff]
+    _, grads, dx = jax.lax.fori_loop(0, n_layers, body, (carried, grads, dy))
+    out = [None] * len(leaves)
+    for j, g in zip(diff, grads):
+      out[j] = g
+    return out, dx if x_mark is not None else None
+
+  run.defvjp(fwd, bwd, symbolic_zeros=True)
+  return run
 
 
 def layerwise_step(

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from galore_jax import layerwise
 from galore_jax import quantization
 
 __all__ = ["CONFIGS", "LLAMA_HEAD", "LLAMA_INPUTS", "LLAMA_LORA_TARGETS",
@@ -139,7 +140,10 @@ def llama_loss(params: dict, tokens_BxT: jax.Array, config: LlamaConfig,
                remat: bool = False, lora_scale: float = 1.0) -> jax.Array:
   """Mean next-token cross-entropy of ``tokens_BxT[:, 1:]`` given the prefix.
 
-  :func:`llama_fns`' pieces, the blocks run by ``lax.scan``.
+  :func:`llama_fns`' pieces, the blocks run by ``lax.scan``, or with
+  ``remat`` by :func:`galore_jax.layerwise.remat_scan` (each block
+  recomputed in the backward pass, one layer's weights converted at a
+  time).
 
   Args:
     params: :func:`llama_params`' tree of arrays. A kernel may also be a
@@ -154,8 +158,10 @@ def llama_loss(params: dict, tokens_BxT: jax.Array, config: LlamaConfig,
     The loss, a float32 scalar.
   """
   x_BxSxD = _embed(params, tokens_BxT)
-  block = lambda x, layer: _block(layer, x, config.heads, lora_scale)
-  body = jax.checkpoint(block) if remat else block
-  x_BxSxD, _ = jax.lax.scan(lambda x, l: (body(x, l), None), x_BxSxD,
-                            params["layers"])
+  block = lambda layer, x: _block(layer, x, config.heads, lora_scale)
+  if remat:
+    x_BxSxD = layerwise.remat_scan(block, params["layers"], x_BxSxD)
+  else:
+    x_BxSxD, _ = jax.lax.scan(lambda x, l: (block(l, x), None), x_BxSxD,
+                              params["layers"])
   return _head(params, x_BxSxD, tokens_BxT)

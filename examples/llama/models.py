@@ -2,7 +2,8 @@
 
 Kernels are 2-D ``nnx.Linear`` kernels ``(in, out)`` (GaLore's default rule
 applies), or ``(layers, in, out)`` with ``scan_layers=True``: the blocks are
-created with ``nnx.vmap`` and run with ``nnx.scan``. The module is a fork of
+created with ``nnx.vmap`` and run with ``nnx.scan`` (with ``remat``, by
+:func:`galore_jax.layerwise.remat_scan`). The module is a fork of
 the HF ``LlamaForCausalLM`` math (half-split RoPE, float32 RMSNorm), so a
 Hugging Face checkpoint loads into it (:mod:`examples.llama.hf`).
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 import optax
 
+from galore_jax import layerwise
 from galore_jax import quantization
 
 
@@ -232,12 +234,19 @@ class Llama(nnx.Module):
     def body(block, x):
       return dequantized(block)(x, cos_SxE, sin_SxE)
 
-    if self.remat:
-      body = nnx.remat(body)
-    if self.scan_layers:
+    if self.scan_layers and self.remat:
+      # The library's rematerialized scan: its loops convert one layer's
+      # weights at a time (XLA:CPU would keep a float32 copy of every
+      # layer's bf16 weights through an nnx.scan step).
+      graphdef, state = nnx.split(self.layers)
+      x_BxSxD = layerwise.remat_scan(
+          lambda layer, x: body(nnx.merge(graphdef, layer), x), state,
+          x_BxSxD)
+    elif self.scan_layers:
       x_BxSxD = nnx.scan(body, in_axes=(0, nnx.Carry),
                          out_axes=nnx.Carry)(self.layers, x_BxSxD)
     else:
+      body = nnx.remat(body) if self.remat else body
       for block in self.layers:
         x_BxSxD = body(block, x_BxSxD)
     x_BxSxD = self.norm(x_BxSxD)
