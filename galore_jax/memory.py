@@ -54,7 +54,7 @@ import optax
 
 from galore_jax import _validation
 from galore_jax import adam_8bit
-from galore_jax import galore
+from galore_jax import alias
 from galore_jax import layerwise as layerwise_lib
 from galore_jax import llama_plan
 from galore_jax import projection
@@ -190,13 +190,13 @@ def _optimizer(method: str, rank: int, mask: Any, gap: int):
   if method == "adamw_8bit":
     return adam_8bit.adamw_8bit(_LR)
   if method == "galore":
-    return galore.galore_adamw(_LR, rank=rank, update_proj_gap=gap,
+    return alias.galore_adamw(_LR, rank=rank, update_proj_gap=gap,
                                projection_mask=mask)
   if method == "galore_8bit":
-    return galore.galore_adamw_8bit(_LR, rank=rank, update_proj_gap=gap,
+    return alias.galore_adamw_8bit(_LR, rank=rank, update_proj_gap=gap,
                                     projection_mask=mask)
   if method == "q_galore":
-    return q_galore.q_galore_adamw(_LR, rank=rank, update_proj_gap=gap,
+    return alias.q_galore_adamw(_LR, rank=rank, update_proj_gap=gap,
                                    projection_mask=mask)
   return optax.adamw(_LR)  # lora / qlora: AdamW on the adapters
 

@@ -33,7 +33,6 @@ import optax
 from galore_jax import _inplace
 from galore_jax import _pytrees
 from galore_jax import _validation
-from galore_jax import adam_8bit
 from galore_jax import galore
 from galore_jax import layout
 from galore_jax import projection
@@ -485,118 +484,6 @@ def _read_projector(code: _Code, schedule: _Schedule, entry, spec, dtype):
   return _as_projectors(
       _dequantized(code, _as_state(code, schedule, entry, spec), spec, dtype),
       spec)
-
-
-def _in_float32(base: optax.GradientTransformation):
-  """``base`` with float32 state whatever the gradients' dtype; its updates
-  are cast back to each gradient's dtype."""
-  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-
-  def init_fn(params):
-    return base.init(f32(params))
-
-  def update_fn(updates, state, params=None):
-    out, state = base.update(f32(updates), state, None)
-    return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-@galore.forwards_options(scale_by_q_galore)
-def q_galore_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: galore.Rank = 128,
-    update_proj_gap: int = 200,
-    scale: float = 1.0,
-    proj_bits: int = 4,
-    proj_group_size: int = 256,
-    cos_threshold: float = 0.4,
-    gamma_proj: float = 2,
-    queue_size: int = 5,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    state_bits: int = 8,
-    mask: Any = None,
-    *,
-    projection_mask: Any = None,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-    hf_eps: bool = False,
-    options: dict,
-) -> optax.GradientTransformation:
-  r"""AdamW in Q-GaLore's quantized, lazily refreshed subspaces.
-
-  ``scale_by_q_galore`` with an Adam base (8-bit moments for
-  ``state_bits=8``, float32 for ``state_bits=32``), then decoupled weight
-  decay in full space, then the learning rate. Leaves that are not projected
-  (embeddings, norms, biases) get the same Adam in full space, 8-bit too when
-  ``state_bits=8`` (above ``min_8bit_size`` elements), as in the official
-  Q-GaLore, which runs bitsandbytes' ``AdamW8bit`` over every parameter.
-
-  Args:
-    learning_rate: a scalar or an optax schedule.
-    rank, update_proj_gap, scale, proj_bits, proj_group_size, cos_threshold,
-      gamma_proj, queue_size: see :func:`scale_by_q_galore`.
-    b1, b2, eps: Adam's parameters.
-    weight_decay: decoupled weight decay, applied in full space.
-    state_bits: 8 (blockwise 8-bit moments, :func:`scale_by_adam_8bit`) or
-      32 (float32 moments).
-    mask: weight-decay mask (``optax.adamw``'s convention).
-    projection_mask: which leaves to project (``scale_by_q_galore``'s
-      ``mask``).
-    block_size, min_8bit_size: see :func:`scale_by_adam_8bit`.
-    hf_eps: with ``state_bits=32``, the HF/official GaLore eps placement
-      (:func:`~galore_jax.scale_by_adam_hf`).
-    dim_numbers, proj_type, proj_zero_point, svd, power_iters, oversample,
-      seed, stagger, on_refresh: keyword-only, every option of
-      :func:`scale_by_q_galore` but ``base`` and ``mask`` (``on_refresh``
-      other than ``"keep"`` needs ``state_bits=32``).
-
-  Returns:
-    An ``optax.GradientTransformation``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from galore_jax import q_galore_adamw
-    >>> params = {"w": jnp.ones((256, 128)), "b": jnp.zeros((128,))}
-    >>> opt = q_galore_adamw(1e-2, rank=16, update_proj_gap=50)
-    >>> state = opt.init(params)
-    >>> loss = lambda p: jnp.sum(jnp.sin(p["w"] + p["b"]) ** 2)
-    >>> updates, state = opt.update(jax.grad(loss)(params), state, params)
-    >>> bool(loss(optax.apply_updates(params, updates)) < loss(params))
-    True
-
-  References:
-    Zhang et al., `Q-GaLore <https://arxiv.org/abs/2407.08296>`_, 2024.
-  """
-  _validation.static("state_bits", state_bits, "8 or 32")
-  if state_bits not in (8, 32) or isinstance(state_bits, bool):
-    raise ValueError(f"`state_bits` must be 8 or 32, got {state_bits!r}")
-  _validation.learning_rate(learning_rate)
-  _validation.adam(b1, b2, eps)
-  _validation.concrete_number("weight_decay", weight_decay, low=0)
-  if state_bits == 8:
-    if hf_eps:
-      raise ValueError(
-          "`hf_eps=True` needs `state_bits=32`: the 8-bit moments follow"
-          " bitsandbytes, whose eps placement is optax's")
-    base = adam_8bit.scale_by_adam_8bit(
-        b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size)
-  elif hf_eps:
-    base = _in_float32(galore.scale_by_adam_hf(b1=b1, b2=b2, eps=eps))
-  else:
-    base = _in_float32(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
-  return optax.chain(
-      scale_by_q_galore(
-          rank, update_proj_gap, scale, base, proj_bits=proj_bits,
-          proj_group_size=proj_group_size, cos_threshold=cos_threshold,
-          gamma_proj=gamma_proj, queue_size=queue_size,
-          mask=projection_mask, **options),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
 
 
 # ---------------------------------------------------------------------------
