@@ -53,9 +53,9 @@ def map_slices(fn: Callable[..., Any], *xs: Any, out: Any = None) -> Any:
   ride in the ``fori_loop``'s carry through an ``optimization_barrier``, so
   no copy or conversion of a whole input is hoisted out of the loop, and the
   outputs are written in place, slice by slice: into ``out`` if given (a
-  tree of the outputs' stacked shapes and dtypes whose old values nothing
-  reads again, such as the gradient an update replaces), else into new
-  buffers.
+  tree of the outputs' stacked shapes and dtypes, such as the gradient an
+  update replaces: XLA reuses its buffers when nothing else reads them, and
+  copies them otherwise), else into new buffers.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -65,6 +65,10 @@ def map_slices(fn: Callable[..., Any], *xs: Any, out: Any = None) -> Any:
     [1.0, 5.0, 9.0]
   """
   n = jax.tree.leaves(xs)[0].shape[0]
+  if out is None and n == 0:
+    return jax.tree.map(lambda o: jnp.zeros((0,) + o.shape, o.dtype),
+                        jax.eval_shape(fn, *jax.tree.map(
+                            lambda x: jnp.zeros(x.shape[1:], x.dtype), xs)))
   if out is None:
     first = jax.tree.map(lambda x: x[0], xs)
     out = jax.tree.map(lambda o: jnp.zeros((n,) + o.shape, o.dtype),

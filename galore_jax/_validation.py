@@ -95,7 +95,6 @@ def adam(b1: Any, b2: Any, eps: Any) -> None:
   concrete_number("eps", eps, low=0)
 
 
-
 def state_for_other_params(what: str, detail: str) -> ValueError:
   """The error for a state that does not fit the updates it is given."""
   return ValueError(f"{what}: {detail}: was the state initialised for other"

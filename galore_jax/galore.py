@@ -422,7 +422,7 @@ def _project_back_leaf(scale, g, u, proj, spec):
   """The full-space update of one leaf from its low-rank update ``u``."""
   if spec is None:
     return u
-  # The update is written over the gradient, which nothing reads again.
+  # The update is written over the gradient (on CPU, for bf16 stacks).
   full = projection.project_back(u, proj, spec, scale=scale, dtype=g.dtype,
                                  out=projection.to_matrix(g, spec))
   return projection.from_matrix(full, spec)

@@ -411,7 +411,9 @@ def remat_scan(block: Callable[[Any, jax.Array], jax.Array], blocks: Any,
   computes bf16 matmuls in float32, otherwise keeps a float32 copy of every
   layer's weights through a scanned step (24 GiB at LLaMA-7B). Only the
   leaves being differentiated get a gradient buffer (a LoRA's frozen
-  kernels, INT8 codes and the like get none).
+  kernels, INT8 codes and the like get none), and what ``block`` closes
+  over gets its gradient too. That path is reverse-mode only, as any
+  ``jax.custom_vjp`` (``jax.jvp`` of it raises).
 
   Args:
     block: ``(layer_params, x) -> x``, one block; ``layer_params`` is one
@@ -440,88 +442,110 @@ def remat_scan(block: Callable[[Any, jax.Array], jax.Array], blocks: Any,
   _check_callable("block", block)
   n_layers = num_layers(blocks)
   leaves, treedef = jax.tree.flatten(blocks)
-  if not any(map(_carried, leaves)):
+  carried = _carried_leaves(blocks)
+  if not any(carried):
     # Nothing XLA:CPU would convert: JAX's own rematerialized scan.
     body = jax.checkpoint(block)
     return jax.lax.scan(lambda x, p: (body(p, x), None), x, blocks)[0]
-  return _remat_scan(block, treedef, n_layers)(leaves, x)
+  # What `block` closes over becomes explicit arguments, so that the custom
+  # VJP returns their gradients too (tied or shared params, say).
+  fn, consts = jax.closure_convert(
+      block, treedef.unflatten(_layer(leaves, 0)), x)
+  return _remat_scan(fn, treedef, n_layers, carried)(leaves, consts, x)
 
 
-def _carried(x: jax.Array) -> bool:
-  """Whether :func:`remat_scan`'s loops carry a leaf: bf16 / f16 weights,
-  which XLA:CPU converts to float32. The others stay loop-invariant, so a
-  broadcast (such as :func:`galore_jax.q_galore.value_and_grad`'s zero
-  offsets) is sliced without being materialized."""
-  return jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4
+def _carried_leaves(blocks: Any) -> list[bool]:
+  """Which leaves of ``blocks`` (in ``jax.tree.leaves`` order)
+  :func:`remat_scan`'s loops carry: bf16 / f16 weights, which XLA:CPU
+  converts to float32. The others stay loop-invariant, so a broadcast is
+  sliced without being materialized: the zero offsets of
+  :func:`galore_jax.q_galore.value_and_grad`'s ``WithGradient`` leaves,
+  whatever their dtype, are never carried."""
+  with_grad = lambda n: isinstance(n, quantization.WithGradient)
+  out = []
+  for node in jax.tree.leaves(blocks, is_leaf=with_grad):
+    if with_grad(node):
+      out += [False] * len(jax.tree.leaves(node))
+    else:
+      out.append(jnp.issubdtype(node.dtype, jnp.floating)
+                 and node.dtype.itemsize < 4)
+  return out
 
 
-def _remat_scan(block, treedef, n_layers):
-  """:func:`remat_scan` of the flat block leaves, a ``jax.custom_vjp``."""
+def _remat_scan(block, treedef, n_layers, carried_mask):
+  """:func:`remat_scan` of the flat block leaves, a ``jax.custom_vjp`` of
+  ``(leaves, consts, x)``; ``block(layer, x, *consts)``."""
 
   def split(leaves):
-    carried = [x if _carried(x) else None for x in leaves]
-    fixed = [None if _carried(x) else x for x in leaves]
+    carried = [x if c else None for x, c in zip(leaves, carried_mask)]
+    fixed = [None if c else x for x, c in zip(leaves, carried_mask)]
     return carried, fixed
 
-  def layer_of(fixed):
-    """``(carried, l) -> layer l's params``, the other leaves ``fixed``."""
-    def layer(carried, l):
-      return treedef.unflatten([
-          a if a is not None else b for a, b in
-          zip(_layer(carried, l), _layer(fixed, l))])
-    return layer
+  def layer_leaves(carried, fixed, l):
+    """Layer ``l``'s leaves, the carried ones sliced from ``carried``."""
+    return [a if a is not None else b for a, b in
+            zip(_layer(carried, l), _layer(fixed, l))]
 
-  def forward(leaves, x, keep):
+  def forward(leaves, consts, x, keep):
     # The layerwise step's forward loop, with one micro-batch: stash
     # (L, 1, ...), output (1, ...).
     carried, fixed = split(leaves)
-    stash, y = _forward(block, carried, x[None], n_layers, keep,
-                        layer=layer_of(fixed))
+    stash, y = _forward(
+        lambda p, x: block(p, x, *consts), carried, x[None], n_layers, keep,
+        layer=lambda c, l: treedef.unflatten(layer_leaves(c, fixed, l)))
     return y[0], stash
 
   @jax.custom_vjp
-  def run(leaves, x):
-    return forward(leaves, x, keep=False)[0]
+  def run(leaves, consts, x):
+    return forward(leaves, consts, x, keep=False)[0]
 
-  def fwd(leaves, x):
-    # Which leaves (and whether x) are differentiated: the residuals' tree
-    # structure carries it, () for yes and None for no.
-    marks = [() if p.perturbed else None for p in leaves]
-    leaves = [p.value for p in leaves]
-    y, stash = forward(leaves, x.value, keep=True)
-    return y, (leaves, stash, marks, () if x.perturbed else None)
+  def fwd(leaves, consts, x):
+    # Which inputs are differentiated: the residuals' tree structure carries
+    # it, () for yes and None for no.
+    mark = lambda p: () if p.perturbed else None
+    marks = ([mark(p) for p in leaves], [mark(p) for p in consts], mark(x))
+    leaves, consts = [p.value for p in leaves], [p.value for p in consts]
+    y, stash = forward(leaves, consts, x.value, keep=True)
+    return y, (leaves, consts, stash, marks)
 
   def bwd(res, dy):
-    leaves, stash, marks, x_mark = res
-    diff = [i for i, m in enumerate(marks) if m is not None]
+    leaves, consts, stash, (leaf_marks, const_marks, x_mark) = res
+    diff = [i for i, m in enumerate(leaf_marks) if m is not None]
+    cdiff = [i for i, m in enumerate(const_marks) if m is not None]
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
       dy = jnp.zeros(stash.shape[2:], stash.dtype)
-
     carried, fixed = split(leaves)
-    layer_fn = layer_of(fixed)
 
     def body(i, carry):
-      carried, grads, dx = carry
+      carried, grads, cgrads, dx = carry
       carried = jax.lax.optimization_barrier(carried)
       l = n_layers - 1 - i
-      layer = jax.tree.leaves(layer_fn(carried, l))
+      layer = layer_leaves(carried, fixed, l)
 
-      def f(d, x):
-        full = list(layer)
+      def f(d, c, x):
+        full, cs = list(layer), list(consts)
         for j, v in zip(diff, d):
           full[j] = v
-        return block(treedef.unflatten(full), x)
+        for j, v in zip(cdiff, c):
+          cs[j] = v
+        return block(treedef.unflatten(full), x, *cs)
 
-      _, vjp = jax.vjp(f, [layer[j] for j in diff], stash[l, 0])
-      g, dx = vjp(dx)
-      return carried, _set_layer(grads, g, l), dx
+      _, vjp = jax.vjp(f, [layer[j] for j in diff],
+                       [consts[j] for j in cdiff], stash[l, 0])
+      g, gc, dx = vjp(dx)
+      cgrads = [a + b.astype(a.dtype) for a, b in zip(cgrads, gc)]
+      return carried, _set_layer(grads, g, l), cgrads, dx
 
     grads = [jnp.zeros_like(leaves[j]) for j in diff]
-    _, grads, dx = jax.lax.fori_loop(0, n_layers, body, (carried, grads, dy))
-    out = [None] * len(leaves)
+    cgrads = [jnp.zeros_like(consts[j]) for j in cdiff]
+    _, grads, cgrads, dx = jax.lax.fori_loop(
+        0, n_layers, body, (carried, grads, cgrads, dy))
+    out, cout = [None] * len(leaves), [None] * len(consts)
     for j, g in zip(diff, grads):
       out[j] = g
-    return out, dx if x_mark is not None else None
+    for j, g in zip(cdiff, cgrads):
+      cout[j] = g
+    return out, cout, dx if x_mark is not None else None
 
   run.defvjp(fwd, bwd, symbolic_zeros=True)
   return run
@@ -793,14 +817,13 @@ def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
 
   def grad_at(blocks, l, dx_K):
     p = _float_view(_layer(blocks, l))
-    g, dx_K = _layer_grad(block, p, _layer(stash, l), dx_K)
-    return p, g, dx_K
+    return _layer_grad(block, p, _layer(stash, l), dx_K)
 
   if not update:
     def body(i, carry):
       blocks, dx_K, sq = carry
       blocks = jax.lax.optimization_barrier(blocks)
-      _, g, dx_K = grad_at(blocks, n_layers - 1 - i, dx_K)
+      g, dx_K = grad_at(blocks, n_layers - 1 - i, dx_K)
       return blocks, dx_K, sq + _sq_norm(g)
 
     _, dx_K, sq = jax.lax.fori_loop(
@@ -808,12 +831,11 @@ def _blocks_backward(block, tx, blocks, block_state, stash, dx_K, key, scale,
     return sq, dx_K
 
   def layer_update(l, blocks, block_state, dx_K):
-    stored, s = _layer(blocks, l), _layer(block_state, l)
-    x_K = _layer(stash, l)
-    p = _float_view(stored)
-    g, dx_K = _layer_grad(block, p, x_K, dx_K)
+    g, dx_K = grad_at(blocks, l, dx_K)
+    # The params the update reads are sliced again, after the gradient, so
+    # the slices the recompute read are not kept alive through the update.
     g, dx_K, blocks = jax.lax.optimization_barrier((g, dx_K, blocks))
-    stored = _layer(blocks, l)
+    stored, s = _layer(blocks, l), _layer(block_state, l)
     p = _float_view(stored)
     sq = _sq_norm(g)
     if scale is not None:

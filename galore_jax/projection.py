@@ -205,14 +205,15 @@ _solve_lower = _per_matrix(
 
 
 def _one_matrix_at_a_time_on_cpu(fn: Callable[..., jax.Array], out=None):
-  """``fn(x, proj)`` of matrix views; a stack of bf16 (or other sub-32-bit)
-  matrices one matrix at a time on CPU (:func:`map_matrices`, writing into
-  ``out`` if given), where a batched matmul would first convert both whole
-  stacks to float32; one batched call otherwise."""
+  """``fn(x, proj)`` of matrix views; a stack of them one matrix at a time
+  on CPU (:func:`map_matrices`, writing into ``out`` if given) when an
+  operand or ``out`` is bf16 (or another sub-32-bit float), where a batched
+  matmul would convert whole stacks to float32; one batched call
+  otherwise."""
 
   def call(x, proj):
     narrow = any(jnp.dtype(a.dtype).itemsize < 4
-                 for a in jax.tree.leaves((x, proj)))
+                 for a in jax.tree.leaves((x, proj, out)))
     if math.prod(x.shape[:-2]) <= 1 or not narrow:
       return fn(x, proj)
     cpu = lambda x, proj: map_matrices(fn, x, proj, out=out)
@@ -240,9 +241,9 @@ def project_back(r: jax.Array, proj: Projectors, spec: LeafSpec, *,
   """Full-space matrix of the low-rank ``r``: ``rowᵀ r`` / ``r colᵀ``, times
   ``scale``, cast to ``dtype`` (default: the product's) matrix by matrix.
 
-  ``out``: a buffer of the result's shape and dtype that nothing reads
-  again (the gradient the update replaces), which a stack of bf16 matrices
-  is written into on CPU instead of a new buffer.
+  ``out``: a buffer of the result's shape and dtype (the gradient the
+  update replaces) that a stack of matrices is written into on CPU; XLA
+  reuses it when nothing else reads it, and copies it otherwise.
   """
 
   def one(r, proj):

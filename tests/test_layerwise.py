@@ -566,3 +566,40 @@ def test_remat_scan_bad_input():
     lw.remat_scan(None, {"w": jnp.ones((2, 3, 3))}, jnp.ones(3))
   with pytest.raises(ValueError, match="not stacked"):
     lw.remat_scan(block, {"w": jnp.ones(())}, jnp.ones(3))
+
+
+def test_remat_scan_differentiates_what_block_closes_over():
+  """A block that closes over a differentiated value (a shared scale, tied
+  params): its gradient, summed over the layers, as the scan's."""
+  blocks = _mixed_blocks()
+  x = jnp.ones((2, 6, D))
+
+  def loss(run):
+    def f(blocks, shared):
+      fn = lambda p, x: block(p, x) * shared
+      return run(blocks, x, fn).sum()
+    return jax.grad(f, (0, 1))
+
+  chex.assert_trees_all_close(loss(_remat_scan)(blocks, 0.9),
+                              loss(_checkpoint_scan)(blocks, 0.9),
+                              rtol=1e-6, atol=1e-7)
+
+
+def test_remat_scan_does_not_materialize_int8_zero_offsets():
+  """bf16 INT8 blocks under q_galore.value_and_grad: the zero offsets it
+  differentiates through stay broadcasts (not carried through the loops),
+  so the temporaries stay below a quarter of the kernels' bf16 bytes (the
+  offsets alone would be half of them)."""
+  from galore_jax import q_galore
+  n_layers, d = 16, 256
+  blocks = {"w1": jnp.zeros((n_layers, d, d), jnp.bfloat16),
+            "w2": jnp.zeros((n_layers, d, d), jnp.bfloat16),
+            "norm": jnp.ones((n_layers, d), jnp.bfloat16)}
+  qblocks = lw.quantize_blocks(blocks, mask={"w1": True, "w2": True,
+                                             "norm": False})
+  x = jnp.ones((1, 8, d), jnp.bfloat16)
+  dq_block = lambda p, x: block(q_galore.dequantize_params(p), x)
+  loss = lambda b: lw.remat_scan(dq_block, b, x).astype(jnp.float32).sum()
+  temp = jax.jit(q_galore.value_and_grad(loss)).lower(qblocks).compile(
+      ).memory_analysis().temp_size_in_bytes
+  assert temp < 2 * n_layers * d * d * 2 / 4, temp
